@@ -1,0 +1,67 @@
+"""The training pipeline as a Prefect flow: ingest -> labels -> train -> evaluate -> register,
+each task running its dvc.yaml stage through DVC (unchanged stages are skipped)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from tasks.evaluate import evaluate
+from tasks.ingest import ingest
+from tasks.labels import labels
+from tasks.register import register
+from tasks.train import train
+
+
+def _run_name() -> str:
+    workdir = Path(flow_run.parameters.get("workdir", ".")).resolve().name
+    return f"train-{workdir}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+@flow(name="training-pipeline", flow_run_name=_run_name)
+def training_pipeline(workdir: str = ".") -> dict:
+    """Run every stage in the DVC workspace ``workdir``; returns a summary of the run."""
+    data = ingest(workdir)
+    vocab = labels(workdir)
+    fit = train(workdir)
+    metrics = evaluate(workdir)
+    reg = register(workdir)
+    t = metrics["test"]
+    summary = {
+        "splits": data["splits"], "rejected": data["rejected"], "labels": vocab["labels"],
+        "test_map": t["map"], "micro_f1": t["micro_f1"], "macro_f1": t["macro_f1"],
+        "hamming_loss": t["hamming_loss"], "subset_accuracy": t["subset_accuracy"],
+        "epochs": fit["epochs_run"], "version": reg["version"], "new_version": reg["created"],
+        "champion": reg["champion"], "reason": reg["reason"],
+        "stages_run": [name for name, r in zip(("ingest", "labels", "train", "evaluate", "register"),
+                                               (data, vocab, fit, metrics, reg)) if r["ran"]],
+    }
+    create_markdown_artifact(key="pipeline-summary", markdown="```\n" + summary_table(summary) + "\n```",
+                             description="training pipeline result")
+    return summary
+
+
+def summary_table(s: dict, seconds: float | None = None) -> str:
+    """The short table printed at the end of `multitag run` / `make demo`."""
+    sp = s["splits"]
+    rows = [
+        ("images (train/val/test)", f"{sp['train']} / {sp['val']} / {sp['test']}"),
+        ("rejected records", s["rejected"]),
+        ("labels", s["labels"]),
+        ("test mAP", f"{s['test_map']:.4f}"),
+        ("micro-F1", f"{s['micro_f1']:.4f}"),
+        ("macro-F1", f"{s['macro_f1']:.4f}"),
+        ("Hamming loss", f"{s['hamming_loss']:.4f}"),
+        ("subset accuracy", f"{s['subset_accuracy']:.4f}"),
+        ("registered version", f"v{s['version']}" + ("" if s["new_version"] else " (already registered)")),
+        ("champion", f"{'yes' if s['champion'] else 'no'} ({s['reason']})"),
+        ("stages run", ", ".join(s["stages_run"]) or "none (all up to date)"),
+    ]
+    if seconds is not None:
+        rows.append(("wall time", f"{seconds:.0f} s"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,161 @@
+"""params.yaml -> typed, validated configuration objects.
+
+Unknown keys are rejected (a typo in params.yaml must not silently fall back to a default) and every
+error names the offending key, e.g. ``train.lrr: unknown key``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = "params.yaml"
+STORE_URI_ENV = "MULTITAG_STORE_URI"
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SampleParams(_Section):
+    out: str = "data/sample"
+    n_images: int = Field(3000, ge=1)
+    image_size: int = Field(64, ge=16)
+    max_digits: int = Field(4, ge=1, le=9)
+    empty_fraction: float = Field(0.05, ge=0, le=1)
+    seed: int = 0
+
+
+class IngestParams(_Section):
+    annotations: str = "data/sample/annotations.csv"
+    images: str = "data/sample/images"
+    image_column: str = "image_name"
+    tags_column: str = "tags"
+    delimiter: str = " "
+    image_size: int = Field(32, ge=8, le=1024)
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    shard_size: int = Field(4096, ge=1)
+    workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _splits_fit(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1 (nothing left to train on)")
+        return self
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_char(cls, v: str) -> str:
+        if len(v) != 1:
+            raise ValueError(f"must be a single character, got {v!r}")
+        return v
+
+
+class LabelsParams(_Section):
+    pass
+
+
+class AugmentParams(_Section):
+    hflip: bool = False
+    vflip: bool = False
+    random_resized_crop: bool = True
+    crop_scale: tuple[float, float] = (0.75, 1.0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, v):
+        lo, hi = v
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"must satisfy 0 < min <= max <= 1, got {list(v)}")
+        return v
+
+
+class TrainParams(_Section):
+    model: str = "resnet18"
+    pretrained: str | None = None
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.003, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    schedule: Literal["onecycle", "cosine"] = "onecycle"
+    warmup_epochs: float = Field(1, ge=0)
+    pos_weight: bool = False
+    patience: int = Field(6, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    augment: AugmentParams = AugmentParams()
+
+
+class EvaluateParams(_Section):
+    threshold_metric: Literal["f1"] = "f1"
+
+
+class RegisterParams(_Section):
+    name: str = Field("multitag", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    min_improvement: float = Field(0.0, ge=0)
+
+
+class StoreParams(_Section):
+    uri: str = "store"
+
+
+# "register" is a section name here, not BaseModel's ABC method; pydantic warns about the name.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Params(_Section):
+    sample: SampleParams = SampleParams()
+    ingest: IngestParams = IngestParams()
+    labels: LabelsParams = LabelsParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    register: RegisterParams = RegisterParams()
+    store: StoreParams = StoreParams()
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict | None, source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; the store URI may be overridden by $MULTITAG_STORE_URI."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
+    if os.environ.get(STORE_URI_ENV):
+        raw["store"] = {**(raw.get("store") or {}), "uri": os.environ[STORE_URI_ENV]}
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (run from the project workspace)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path))

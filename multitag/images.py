@@ -1,0 +1,80 @@
+"""Image decoding shared by ingestion and prediction: one function, so a model sees at prediction
+time exactly the pixels it was trained on."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+class RecordError(ValueError):
+    """One record (row, file) is unusable; the message says why in plain words."""
+
+
+def resolve_image(root: Path, name: str) -> Path:
+    """The file for ``name`` inside ``root``, refusing paths that escape it (``..``, absolute
+    paths, symlinks pointing outside)."""
+    if not name or not name.strip():
+        raise RecordError("empty image name")
+    if Path(name).is_absolute():
+        raise RecordError(f"absolute path {name!r} refused: image paths must be relative to the image folder")
+    root = root.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise RecordError(f"path {name!r} leads outside the image folder {root}")
+    return path
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RecordError(f"image file not found: {path}") from None
+    except IsADirectoryError:
+        raise RecordError(f"not a file: {path}") from None
+    if not data:
+        raise RecordError(f"empty (zero-byte) file: {path}")
+    return data
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in _SIXTEEN_BIT:
+        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels carry arbitrary colour values; show them as white, like a viewer.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode(data: bytes, size: int, name: str = "image") -> np.ndarray:
+    """Decode image bytes to an upright (EXIF orientation applied) RGB uint8 array of
+    ``size`` x ``size``. Raises RecordError for anything that is not a readable image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img).resize((size, size), Image.BILINEAR)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise RecordError(f"{name}: refused, image dimensions are too large ({err})") from None
+    except UnidentifiedImageError:
+        raise RecordError(f"{name}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise RecordError(f"{name}: corrupt or truncated image ({err})") from None
+    return np.asarray(img, dtype=np.uint8)

@@ -1,0 +1,72 @@
+"""Batch prediction over a folder of images with a registered model (or a model file)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from multitag.images import RecordError, decode, read_bytes
+from multitag.models import load_model_file, predict_scores
+from multitag.registry import Registry
+from multitag.storage import LocalStore
+from multitag.train import select_device
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def _load(model: str, registry: Registry, thresholds_file: str | None, device):
+    """(model, metadata, thresholds, description) for a registry reference or a model file path."""
+    if Path(model).suffix == ".pt" and Path(model).is_file():
+        net, meta = load_model_file(model, device)
+        if thresholds_file:
+            thresholds = json.loads(Path(thresholds_file).read_text())["thresholds"]
+        else:
+            thresholds = [0.5] * len(meta["labels"])
+        return net, meta, np.asarray(thresholds), model
+    with tempfile.TemporaryDirectory() as tmp:
+        version, card = registry.download_model(model, Path(tmp) / "model.pt")
+        net, meta = load_model_file(Path(tmp) / "model.pt", device)
+    return net, meta, np.asarray(card["thresholds"]), f"{registry.name} v{version}"
+
+
+def predict_folder(folder: str | Path, model: str, store: LocalStore, registry_name: str, out: str | Path,
+                   thresholds_file: str | None = None, batch_size: int = 256) -> dict:
+    """Write a CSV: image, predicted labels (space-separated, at the tuned thresholds), error, and
+    one probability column per label. Unreadable images get a row with the error, not a crash."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    device = select_device("auto")
+    net, meta, thresholds, desc = _load(model, Registry(store, registry_name), thresholds_file, device)
+    labels, size = meta["labels"], meta["image_size"]
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    with out.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "labels", "error", *[f"p_{label}" for label in labels]])
+        for start in range(0, len(files), batch_size):
+            ok, arrays = [], []
+            for path in files[start:start + batch_size]:
+                try:
+                    arrays.append(decode(read_bytes(path), size, path.name))
+                    ok.append(path)
+                except RecordError as err:
+                    w.writerow([path.relative_to(folder).as_posix(), "", str(err), *[""] * len(labels)])
+                    failed += 1
+            if not ok:
+                continue
+            probs = predict_scores(net, np.stack(arrays), device)
+            for path, p in zip(ok, probs):
+                predicted = " ".join(label for label, pi, t in zip(labels, p, thresholds) if pi >= t)
+                w.writerow([path.relative_to(folder).as_posix(), predicted, "", *[f"{v:.5f}" for v in p]])
+    log.info("predicted %d images with %s -> %s (%d unreadable)", len(files) - failed, desc, out, failed)
+    return {"images": len(files), "failed": failed, "model": desc, "out": str(out)}

@@ -1,0 +1,277 @@
+"""Train stage: a multi-label classifier from the uint8 shards and the multi-hot targets.
+
+One sigmoid output per label, BCEWithLogitsLoss (optional pos_weight), AdamW without weight
+decay on norms and biases, one-cycle or warm-up + cosine schedule stepped per batch, batch-level
+augmentation on tensors, early stopping on validation mAP. CUDA with bf16/fp16 autocast when
+present, CPU otherwise. A checkpoint is written atomically after every epoch; a run started again
+with the same params and data resumes from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from multitag.config import AugmentParams, TrainParams
+from multitag.ingest import MANIFEST, SHARDS
+from multitag.labels import TARGETS, VOCABULARY
+from multitag.metrics import mean_ap
+from multitag.models import build_model, predict_scores, save_model_file, to_input
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+CHECKPOINT = "checkpoints/last.pt"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    epochs_run: int
+    best_epoch: int
+    best_val_map: float
+    resumed_from_epoch: int
+    device: str
+    seconds: float
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def load_split(prepared_dir: str | Path, labels_dir: str | Path | None, split: str):
+    """(images uint8 NHWC, targets float or None, manifest rows) of one split, read from the shards."""
+    prepared_dir = Path(prepared_dir)
+    manifest = pd.read_parquet(prepared_dir / MANIFEST)
+    rows = manifest.index[manifest["split"] == split].to_numpy()
+    parts = []
+    for shard, group in manifest.loc[rows].groupby("shard", sort=True):
+        arr = np.load(prepared_dir / SHARDS / f"{shard:05d}.npy", mmap_mode="r")
+        parts.append(np.asarray(arr[group["offset"].to_numpy()]))
+    images = np.concatenate(parts) if parts else np.zeros((0, 1, 1, 3), np.uint8)
+    # groupby(sort=True) walks shards in order and rows are sorted within each shard, so
+    # ``images`` follows ``rows`` (manifest order); targets are indexed the same way.
+    targets = None
+    if labels_dir is not None:
+        targets = torch.from_numpy(np.load(Path(labels_dir) / TARGETS)[rows].astype(np.float32))
+    return torch.from_numpy(images), targets, manifest.loc[rows]
+
+
+def augment(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.Tensor:
+    """Random resized crop and flips for a whole batch as one affine resampling (cheap on tensors)."""
+    n = x.shape[0]
+    theta = torch.zeros(n, 2, 3)
+    sx = sy = torch.ones(n)
+    tx = ty = torch.zeros(n)
+    if aug.random_resized_crop:
+        lo, hi = aug.crop_scale
+        area = lo + (hi - lo) * torch.rand(n, generator=gen)
+        ratio = torch.exp((torch.rand(n, generator=gen) - 0.5) * 2 * math.log(4 / 3))
+        sx = torch.sqrt(area * ratio).clamp(max=1.0)
+        sy = torch.sqrt(area / ratio).clamp(max=1.0)
+        tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx)
+        ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
+    if aug.hflip:
+        sx = sx * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    if aug.vflip:
+        sy = sy * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    if not (aug.random_resized_crop or aug.hflip or aug.vflip):
+        return x
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    """AdamW; norm weights and biases (1-d tensors) get no weight decay."""
+    decay = [t for t in model.parameters() if t.requires_grad and t.ndim > 1]
+    no_decay = [t for t in model.parameters() if t.requires_grad and t.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):
+    total = p.epochs * steps_per_epoch
+    warmup = min(int(p.warmup_epochs * steps_per_epoch), total - 1)
+    if p.schedule == "onecycle" and total >= 4:  # OneCycleLR needs >= 2 steps in each phase
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=total,
+                                                   pct_start=min(max(warmup, 2), total - 2) / total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def pos_weight_for(y: torch.Tensor) -> torch.Tensor:
+    """negatives/positives per label, capped so a nearly absent label cannot dominate the loss."""
+    pos = y.sum(0)
+    return ((len(y) - pos) / pos.clamp(min=1)).clamp(1.0, 100.0)
+
+
+def _amp(device: torch.device):
+    if device.type != "cuda":
+        return None, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return dtype, scaler
+
+
+def train_one_epoch(model, images, targets, opt, sched, loss_fn, p: TrainParams, device, gen, scaler,
+                    amp_dtype, epoch: int) -> float:
+    """One pass over the shuffled training split; returns the mean loss."""
+    model.train()
+    order = torch.randperm(len(images), generator=gen)
+    steps = len(order) // p.batch_size or 1  # drop the ragged last batch (BatchNorm needs >1 image)
+    total = 0.0
+    bar = tqdm(range(steps), desc=f"epoch {epoch}", unit="batch", leave=False,
+               disable=not sys.stderr.isatty())
+    for step in bar:
+        idx = order[step * p.batch_size:(step + 1) * p.batch_size]
+        x = augment(to_input(images[idx], device), p.augment, gen)
+        y = targets[idx].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = loss_fn(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        sched.step()
+        total += loss.item()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return total / steps
+
+
+def fingerprint(p: TrainParams, prepared_dir: Path, labels_dir: Path) -> str:
+    """Identity of a training run: params + data. A checkpoint is resumed only if this matches."""
+    h = hashlib.sha256(json.dumps(p.model_dump(mode="json"), sort_keys=True).encode())
+    for f in (prepared_dir / MANIFEST, labels_dir / TARGETS, labels_dir / VOCABULARY):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _write_history(history: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "val_map", "lr", "seconds"])
+        w.writeheader()
+        w.writerows(history)
+
+
+def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir: str | Path = "data/labels",
+          out_dir: str | Path = "models", reports_dir: str | Path = "reports", image_size: int | None = None,
+          stop_after_epochs: int | None = None) -> TrainResult:
+    """Train and write ``models/model.pt`` (best validation-mAP weights) and the training history.
+
+    ``stop_after_epochs`` ends the run early as if interrupted (used to test resuming)."""
+    start = time.time()
+    prepared_dir, labels_dir, out_dir, reports_dir = map(Path, (prepared_dir, labels_dir, out_dir, reports_dir))
+    device = select_device(p.device)
+    vocabulary = json.loads((labels_dir / VOCABULARY).read_text())["labels"]
+    x_train, y_train, _ = load_split(prepared_dir, labels_dir, "train")
+    x_val, y_val, _ = load_split(prepared_dir, labels_dir, "val")
+    if len(x_train) == 0:
+        raise ValueError("the train split is empty: add images or lower ingest.val_fraction/test_fraction")
+    image_size = image_size or x_train.shape[1]
+
+    torch.manual_seed(p.seed)
+    gen = torch.Generator().manual_seed(p.seed)
+    model = build_model(p.model, len(vocabulary), image_size, p.pretrained).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, p)
+    steps_per_epoch = len(x_train) // p.batch_size or 1
+    sched = make_scheduler(opt, p, steps_per_epoch)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight_for(y_train).to(device) if p.pos_weight else None)
+    amp_dtype, scaler = _amp(device)
+
+    ckpt_path = out_dir / CHECKPOINT
+    fp = fingerprint(p, prepared_dir, labels_dir)
+    state = {"epoch": 0, "best_map": None, "best_epoch": 0, "bad_epochs": 0, "history": [], "stopped": False}
+    best_weights = copy.deepcopy(model.state_dict())
+    resumed = 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("fingerprint") == fp:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            gen.set_state(ckpt["generator"])
+            best_weights = ckpt["best_weights"]
+            state = ckpt["state"]
+            resumed = state["epoch"]
+            log.info("resuming from %s after epoch %d", ckpt_path, resumed)
+        else:
+            log.info("ignoring %s: it belongs to other params or data", ckpt_path)
+
+    log.info("training %s on %s: %d train / %d val images, %d labels, %d epochs max",
+             p.model, device, len(x_train), len(x_val), len(vocabulary), p.epochs)
+    while state["epoch"] < p.epochs and not state["stopped"]:
+        if stop_after_epochs is not None and state["epoch"] >= stop_after_epochs:
+            return TrainResult(state["epoch"], state["best_epoch"], state["best_map"], resumed, str(device),
+                               time.time() - start)
+        t0 = time.time()
+        epoch = state["epoch"] + 1
+        loss = train_one_epoch(model, x_train, y_train, opt, sched, loss_fn, p, device, gen, scaler,
+                               amp_dtype, epoch)
+        val_map = mean_ap(y_val.numpy(), predict_scores(model, x_val, device)) if len(x_val) else float("nan")
+        # No validation signal (no val images or no positives there): keep the latest weights.
+        no_signal = math.isnan(val_map)
+        improved = not no_signal and (state["best_map"] is None or val_map > state["best_map"])
+        if improved or no_signal:
+            state.update(best_map=val_map if improved else state["best_map"], best_epoch=epoch, bad_epochs=0)
+            best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+            state["stopped"] = state["bad_epochs"] >= p.patience
+        state["epoch"] = epoch
+        state["history"].append({"epoch": epoch, "train_loss": round(loss, 6), "val_map": round(val_map, 6),
+                                 "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)})
+        log.info("epoch %d/%d  loss %.4f  val mAP %.4f%s  (%.1fs)", epoch, p.epochs, loss, val_map,
+                 "  *best*" if improved else "", time.time() - t0)
+        if state["stopped"]:
+            log.info("early stopping: no val mAP gain for %d epochs", p.patience)
+        _save_checkpoint(ckpt_path, {"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                     "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                                     "best_weights": best_weights, "state": state})
+
+    save_model_file(out_dir / MODEL_FILE, arch=p.model, labels=vocabulary, image_size=image_size,
+                    state_dict=best_weights, params=p.model_dump(mode="json"),
+                    best_epoch=state["best_epoch"], val_map=state["best_map"])
+    _write_history(state["history"], reports_dir / "train_history.csv")
+    result = TrainResult(state["epoch"], state["best_epoch"], state["best_map"], resumed, str(device),
+                         round(time.time() - start, 1))
+    (reports_dir / "train.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result

@@ -1,0 +1,62 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# No analytics from Prefect or DVC in tests; Prefect state and logs go to a throwaway home.
+os.environ.update({"DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   # Prefect's console handler would log the ephemeral server's shutdown into
+                   # pytest's already-closed capture stream.
+                   "PREFECT_LOGGING_LEVEL": "WARNING"})
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MULTITAG_STORE_URI", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    yield home
+
+
+def tiny_params(**overrides) -> dict:
+    """The repo's params.yaml shrunk to a few dozen images and one quick epoch."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["sample"].update(n_images=48, seed=1)
+    p["ingest"].update(image_size=32, val_fraction=0.25, test_fraction=0.25)
+    p["train"].update(epochs=1, batch_size=8, patience=1)
+    for section, values in overrides.items():
+        p[section].update(values)
+    return p
+
+
+def run(cmd, cwd, check=True, **kw):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A fresh git + DVC workspace holding the project's dvc.yaml, a tiny params.yaml and the
+    package sources that dvc.yaml lists as dependencies."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", ws)
+    shutil.copytree(ROOT / "multitag", ws / "multitag", ignore=shutil.ignore_patterns("__pycache__"))
+    (ws / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    run(["git", "init", "-q"], ws)
+    run(["git", "config", "user.email", "test@example.com"], ws)
+    run(["git", "config", "user.name", "test"], ws)
+    run([str(BIN / "dvc"), "init", "-q"], ws)
+    run([str(BIN / "dvc"), "config", "core.analytics", "false"], ws)
+    return ws

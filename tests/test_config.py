@@ -1,0 +1,51 @@
+import pytest
+
+from multitag.config import ConfigError, load_params, parse_params
+from tests.conftest import ROOT
+
+
+def test_repo_params_load():
+    p = load_params(ROOT / "params.yaml")
+    assert p.ingest.delimiter == " "
+    assert p.train.augment.hflip is False and p.train.augment.vflip is False  # digits must not be mirrored
+
+
+def test_defaults_when_keys_are_absent():
+    p = parse_params({})
+    assert p.train.model == "resnet18" and p.train.schedule == "onecycle" and p.store.uri == "store"
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"train": {"lrr": 0.1}}, "train.lrr"),
+    ({"trian": {}}, "trian"),
+    ({"train": {"augment": {"hflipp": True}}}, "train.augment.hflipp"),
+])
+def test_unknown_key_is_named(raw, key):
+    with pytest.raises(ConfigError, match=rf"{key}: unknown key"):
+        parse_params(raw)
+
+
+def test_wrong_type_and_choice_are_named():
+    with pytest.raises(ConfigError, match=r"train.epochs"):
+        parse_params({"train": {"epochs": "many"}})
+    with pytest.raises(ConfigError, match=r"train.schedule.*'onecycle' or 'cosine'"):
+        parse_params({"train": {"schedule": "step"}})
+
+
+def test_split_fractions_must_leave_training_data():
+    with pytest.raises(ConfigError, match="val_fraction \\+ test_fraction"):
+        parse_params({"ingest": {"val_fraction": 0.5, "test_fraction": 0.5}})
+
+
+def test_store_uri_env_override(monkeypatch):
+    monkeypatch.setenv("MULTITAG_STORE_URI", "/tmp/elsewhere")
+    assert parse_params({"store": {"uri": "store"}}).store.uri == "/tmp/elsewhere"
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)

@@ -1,0 +1,117 @@
+import csv
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from multitag.config import IngestParams
+from multitag.ingest import IngestError, ingest
+
+
+def _png(seed: int, size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def messy(tmp_path):
+    """Images + annotations with every kind of bad record the foundation handles."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        (images / f"ok{i}.png").write_bytes(_png(i))
+    (images / "truncated.png").write_bytes(_png(99)[:60])
+    (images / "text.jpg").write_text("this is not an image")
+    (images / "empty.png").write_bytes(b"")
+    (images / "copy_of_ok0.png").write_bytes(_png(0))
+    (tmp_path / "outside.png").write_bytes(_png(50))
+    (images / "link.png").symlink_to(tmp_path / "outside.png")
+    rows = [
+        ("ok0.png", "cat dog"), ("ok1.png", "dog"), ("ok2.png", ""), ("ok3.png", " cat  car "),
+        ("ok4.png", "Cat"), ("ok5.png", "car"),
+        ("missing.png", "cat"), ("truncated.png", "dog"), ("text.jpg", "dog"), ("empty.png", "dog"),
+        ("copy_of_ok0.png", "cat dog"), ("ok1.png", "cat"),
+        ("../outside.png", "cat"), (str(tmp_path / "outside.png"), "cat"), ("link.png", "cat"),
+        ("ok5.png", "car,dog"),
+    ]
+    ann = tmp_path / "annotations.csv"
+    with ann.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_name", "tags"])
+        w.writerows(rows)
+    return IngestParams(annotations=str(ann), images=str(images), image_size=16, shard_size=4)
+
+
+def _report(reports):
+    with (reports / "ingest_issues.csv").open(newline="") as f:
+        return {int(r["row"]): (r["image"], r["reason"]) for r in csv.DictReader(f)}
+
+
+def test_bad_records_are_reported_and_valid_ones_kept(messy, tmp_path):
+    result = ingest(messy, tmp_path / "prepared", tmp_path / "reports")
+    issues = _report(tmp_path / "reports")
+    expect = {  # row in the file -> words the reason must contain
+        8: "not found", 9: "corrupt or truncated", 10: "not a readable image", 11: "zero-byte",
+        12: "duplicate of row 2", 13: "duplicate of row 3", 14: "outside the image folder",
+        15: "absolute path", 16: "outside the image folder", 17: "malformed tag 'car,dog'",
+    }
+    assert set(issues) == set(expect)
+    for row, words in expect.items():
+        assert words in issues[row][1], (row, issues[row])
+    assert "conflicting labels" in issues[13][1] and "same labels" in issues[12][1]
+
+    manifest = pd.read_parquet(tmp_path / "prepared" / "manifest.parquet")
+    assert sorted(manifest["source"]) == [f"ok{i}.png" for i in range(6)]
+    tags = dict(zip(manifest["source"], manifest["tags"].map(list)))
+    assert tags["ok2.png"] == []                       # untagged: kept as a negative
+    assert tags["ok3.png"] == ["car", "cat"]           # whitespace trimmed, sorted
+    assert result.accepted == 6 and result.rejected == 10 and result.negatives == 1
+    assert set(manifest["split"]) <= {"train", "val", "test"}
+    shards = sorted((tmp_path / "prepared" / "shards").glob("*.npy"))
+    assert len(shards) == 2  # shard_size 4
+    arr = np.load(shards[0])
+    assert arr.dtype == np.uint8 and arr.shape[1:] == (16, 16, 3)
+    summary = json.loads((tmp_path / "reports" / "ingest.json").read_text())
+    assert summary["rejected"] == 10 and summary["splits"] == result.splits
+
+
+def test_pixels_match_manifest_rows(messy, tmp_path):
+    ingest(messy, tmp_path / "prepared", tmp_path / "reports")
+    manifest = pd.read_parquet(tmp_path / "prepared" / "manifest.parquet")
+    from multitag.images import decode
+    for _, r in manifest.iterrows():
+        shard = np.load(tmp_path / "prepared" / "shards" / f"{r['shard']:05d}.npy")
+        expected = decode((tmp_path / "images" / r["source"]).read_bytes(), 16)
+        np.testing.assert_array_equal(shard[r["offset"]], expected)
+
+
+@pytest.mark.parametrize("content, match", [
+    ("name,labels\na.png,x\n", r"missing column\(s\) \['image_name', 'tags'\]"),
+    ("image_name,tags\n", "no records"),
+    ("", "empty file"),
+])
+def test_unusable_annotation_files_fail_with_a_clear_message(tmp_path, content, match):
+    ann = tmp_path / "a.csv"
+    ann.write_text(content)
+    with pytest.raises(IngestError, match=match):
+        ingest(IngestParams(annotations=str(ann), images=str(tmp_path)), tmp_path / "p", tmp_path / "r")
+
+
+def test_missing_annotations_and_non_utf8(tmp_path):
+    with pytest.raises(IngestError, match="annotations file not found"):
+        ingest(IngestParams(annotations=str(tmp_path / "nope.csv"), images=str(tmp_path)), tmp_path / "p")
+    ann = tmp_path / "latin1.csv"
+    ann.write_bytes("image_name,tags\ncaf\xe9.png,x\n".encode("latin-1"))
+    with pytest.raises(IngestError, match="not UTF-8"):
+        ingest(IngestParams(annotations=str(ann), images=str(tmp_path)), tmp_path / "p")
+
+
+def test_nothing_usable_is_an_error(tmp_path):
+    ann = tmp_path / "a.csv"
+    ann.write_text("image_name,tags\nmissing.png,x\n")
+    with pytest.raises(IngestError, match="none of the 1 records is usable"):
+        ingest(IngestParams(annotations=str(ann), images=str(tmp_path)), tmp_path / "p", tmp_path / "r")

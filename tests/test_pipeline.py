@@ -1,0 +1,104 @@
+"""End to end: the Prefect flow over real DVC stages in a temporary git workspace, `dvc repro`
+twice, and prediction with the registered champion. Prefect runs on its ephemeral API server."""
+
+import csv
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+from multitag.config import SampleParams
+from multitag.registry import Registry
+from multitag.sample_data import write_sample_data
+from multitag.storage import LocalStore
+from tests.conftest import BIN, run, tiny_params
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["sample", "ingest", "labels", "train", "evaluate", "register"]
+
+
+def test_dvc_repro_twice_runs_nothing_the_second_time(workspace):
+    first = run([str(BIN / "dvc"), "repro"], workspace)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+    assert (workspace / "dvc.lock").exists()
+    second = run([str(BIN / "dvc"), "repro"], workspace)
+    assert "Running stage" not in second.stdout, second.stdout
+    assert "Data and pipelines are up to date" in second.stdout
+    status = run([str(BIN / "dvc"), "status"], workspace)
+    assert "up to date" in status.stdout
+
+
+def _user_data_with_bad_records(ws):
+    """A user's own folder: sample images plus a missing image, a corrupt image and a row with no tags."""
+    data = ws / "mydata"
+    write_sample_data(SampleParams(n_images=40, seed=5), data)
+    (data / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    shutil.copy(data / "images" / "img_000000.png", data / "images" / "untagged.png")
+    (data / "images" / "untagged.png").write_bytes((data / "images" / "untagged.png").read_bytes() + b"\0")
+    with (data / "annotations.csv").open("a", newline="") as f:
+        csv.writer(f).writerows([("missing.png", "3 4"), ("corrupt.png", "1"), ("untagged.png", "")])
+    return data
+
+
+def test_flow_runs_every_stage_registers_and_predicts(workspace):
+    from flows.pipeline import training_pipeline
+
+    data = _user_data_with_bad_records(workspace)
+    params = tiny_params(ingest={"annotations": "mydata/annotations.csv", "images": "mydata/images"})
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    summary = training_pipeline(workdir=str(workspace))
+    assert summary["stages_run"] == ["ingest", "labels", "train", "evaluate", "register"]
+    assert summary["version"] == 1 and summary["new_version"] and summary["champion"]
+    assert summary["labels"] == 10 and summary["rejected"] == 2
+    assert 0 <= summary["test_map"] <= 1
+
+    issues = {r["image"]: r["reason"] for r in csv.DictReader((workspace / "reports/ingest_issues.csv").open())}
+    assert set(issues) == {"missing.png", "corrupt.png"}
+    assert "not found" in issues["missing.png"] and "corrupt" in issues["corrupt.png"]
+    manifest = pd.read_parquet(workspace / "data/prepared/manifest.parquet")
+    assert list(manifest.loc[manifest["source"] == "untagged.png", "tags"].iloc[0]) == []  # kept as a negative
+    assert not (workspace / "data/sample").exists()  # the sample stage is not upstream of user data
+
+    for out in ["data/labels/targets.npy", "data/labels/vocabulary.json", "models/model.pt",
+                "reports/metrics.json", "reports/per_label.csv", "reports/thresholds.json",
+                "reports/plots/pr_curves.png", "reports/plots/label_stats.png", "reports/train_history.csv"]:
+        assert (workspace / out).stat().st_size > 0, out
+    metrics = json.loads((workspace / "reports/metrics.json").read_text())
+    assert set(metrics["test"]) >= {"map", "micro_f1", "macro_f1", "hamming_loss", "subset_accuracy"}
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"ingest", "labels", "train", "evaluate", "register"}
+
+    registry = Registry(LocalStore(workspace / "store"), "multitag")
+    card = registry.card(1)
+    assert card["labels"] == [str(d) for d in range(10)] and len(card["thresholds"]) == 10
+    assert card["metrics"]["test"]["map"] == metrics["test"]["map"]
+    assert card["params"]["train"]["epochs"] == 1 and card["git"]["commit"] is None  # nothing committed yet
+    assert card["data_version"] == json.loads((workspace / "reports/ingest.json").read_text())["data_version"]
+
+    again = training_pipeline(workdir=str(workspace))
+    assert again["stages_run"] == [] and again["version"] == 1  # DVC skipped every stage
+
+    out = workspace / "pred.csv"
+    run([str(BIN / "multitag"), "predict", str(data / "images"), "--model", "champion", "--out", str(out)], workspace)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 42  # 40 sample images + corrupt.png + untagged.png: every file gets a row
+    assert rows[0].keys() >= {"image", "labels", "error", "p_0", "p_9"}
+    bad = [r for r in rows if r["error"]]
+    assert [r["image"] for r in bad] == ["corrupt.png"]
+    good = rows[1]
+    assert all(0 <= float(good[f"p_{d}"]) <= 1 for d in range(10))
+    assert set(good["labels"].split()) <= {str(d) for d in range(10)}
+
+
+def test_stage_errors_are_clear_and_not_retried(workspace):
+    params = tiny_params(ingest={"annotations": "nowhere.csv", "images": "."})
+    params["train"]["lrr"] = 1
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run([str(BIN / "multitag"), "stage", "ingest"], workspace, check=False)
+    assert proc.returncode == 1
+    assert "train.lrr: unknown key" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,106 @@
+import json
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from multitag.models import build_model, save_model_file
+from multitag.registry import CHAMPION, Registry
+from multitag.storage import LocalStore, NotFound, PreconditionFailed
+
+
+def _model_file(path, seed: int):
+    torch.manual_seed(seed)
+    m = build_model("simple_cnn", 3, 8)
+    save_model_file(path, arch="simple_cnn", labels=["a", "b", "c"], image_size=8, state_dict=m.state_dict())
+    return path
+
+
+def _card(test_map: float, test_set: str = "T1") -> dict:
+    return {"labels": ["a", "b", "c"], "thresholds": [0.5, 0.5, 0.5], "test_set": test_set,
+            "metrics": {"test": {"map": test_map}}, "params": {"train": {"model": "simple_cnn"}},
+            "git": {"commit": None, "dirty": None}}
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return Registry(LocalStore(tmp_path / "store"), "m")
+
+
+def test_versions_champion_rule_and_idempotence(registry, tmp_path):
+    r1 = registry.register({"model.pt": _model_file(tmp_path / "1.pt", 1)}, _card(0.80))
+    assert (r1.version, r1.created, r1.champion) == (1, True, True)
+
+    r2 = registry.register({"model.pt": _model_file(tmp_path / "2.pt", 2)}, _card(0.79))
+    assert (r2.version, r2.champion, r2.previous_champion) == (2, False, 1)
+
+    r3 = registry.register({"model.pt": _model_file(tmp_path / "3.pt", 3)}, _card(0.85), min_improvement=0.1)
+    assert (r3.version, r3.champion) == (3, False)  # better, but not by min_improvement
+
+    r4 = registry.register({"model.pt": _model_file(tmp_path / "4.pt", 4)}, _card(0.86), min_improvement=0.05)
+    assert (r4.version, r4.champion, r4.previous_champion) == (4, True, 1)
+    assert registry.resolve(CHAMPION) == 4
+
+    again = registry.register({"model.pt": _model_file(tmp_path / "4b.pt", 4)}, _card(0.86))
+    assert (again.version, again.created, again.champion) == (4, False, True)  # same weights: no new version
+    assert [v["version"] for v in registry.versions()] == [1, 2, 3, 4]
+
+    card = registry.card(4)
+    assert card["metrics"]["test"]["map"] == 0.86 and card["weights_sha256"] and card["files"]["model.pt"]
+    version, _ = registry.download_model("champion", tmp_path / "dl.pt")
+    assert version == 4
+    assert registry.store.exists("registry/m/versions/000004/MODEL_CARD.md")
+
+
+def test_champion_rescored_when_test_sets_differ(registry, tmp_path):
+    registry.register({"model.pt": _model_file(tmp_path / "1.pt", 1)}, _card(0.95, "T1"))
+    seen = []
+
+    def rescore(version):
+        seen.append(version)
+        return 0.70  # the old champion on the new, larger test set
+    r = registry.register({"model.pt": _model_file(tmp_path / "2.pt", 2)}, _card(0.80, "T2"), rescore=rescore)
+    assert seen == [1] and r.champion and "re-scored" in r.reason
+
+
+def test_incomplete_version_is_invisible(registry, tmp_path):
+    registry.register({"model.pt": _model_file(tmp_path / "1.pt", 1)}, _card(0.8))
+    # a registration that died after claiming and uploading, before its version record
+    registry.store.put_bytes("registry/m/versions/000002.claim", b"", if_none_match=True)
+    registry.store.put_file("registry/m/versions/000002/model.pt", _model_file(tmp_path / "2.pt", 2))
+    assert [v["version"] for v in registry.versions()] == [1]
+    with pytest.raises(NotFound):
+        registry.resolve(2)
+    r = registry.register({"model.pt": _model_file(tmp_path / "3.pt", 3)}, _card(0.9))
+    assert r.version == 3  # the dead claim's number is never reused
+
+
+def test_local_store_conditional_writes(tmp_path):
+    store = LocalStore(tmp_path)
+    etag = store.put_bytes("k/a.json", b"1", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        store.put_bytes("k/a.json", b"2", if_none_match=True)
+    new = store.put_bytes("k/a.json", b"3", if_match=etag)
+    with pytest.raises(PreconditionFailed):
+        store.put_bytes("k/a.json", b"4", if_match=etag)  # stale etag
+    assert store.get_bytes("k/a.json") == (b"3", new)
+    with pytest.raises(ValueError):
+        store.put_bytes("../escape", b"x")
+
+
+def _register_one(args):
+    root, i, model_path = args
+    reg = Registry(LocalStore(root), "m")
+    return reg.register({"model.pt": model_path}, _card(0.5 + i / 100)).version
+
+
+def test_concurrent_registrations_get_distinct_versions(tmp_path):
+    models = [_model_file(tmp_path / f"{i}.pt", 100 + i) for i in range(8)]
+    with mp.get_context("spawn").Pool(8) as pool:
+        versions = pool.map(_register_one, [(tmp_path / "store", i, m) for i, m in enumerate(models)])
+    assert sorted(versions) == list(range(1, 9))
+    reg = Registry(LocalStore(tmp_path / "store"), "m")
+    assert len(reg.versions()) == 8
+    champion = json.loads(reg.store.get_bytes("registry/m/aliases/champion.json")[0])
+    best = max(reg.versions(), key=lambda v: v["test_map"])
+    assert champion["version"] == best["version"]  # every CAS loser re-decided against the winner

@@ -1,0 +1,104 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from multitag.config import AugmentParams, TrainParams
+from multitag.models import build_model, load_model_file, save_model_file
+from multitag.train import CHECKPOINT, MODEL_FILE, augment, pos_weight_for, train
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A tiny learnable dataset: label j is on when channel j's mean is bright."""
+    rng = np.random.default_rng(0)
+    n, size = 96, 16
+    y = (rng.random((n, 3)) < 0.4).astype(np.uint8)
+    x = rng.integers(0, 100, (n, size, size, 3), dtype=np.uint8)
+    x[..., :3] += (y[:, None, None, :] * 120).astype(np.uint8)
+    prepared, labels = tmp_path / "prepared", tmp_path / "labels"
+    (prepared / "shards").mkdir(parents=True)
+    labels.mkdir()
+    split = np.array(["train"] * 64 + ["val"] * 16 + ["test"] * 16)
+    np.save(prepared / "shards" / "00000.npy", x[:50])
+    np.save(prepared / "shards" / "00001.npy", x[50:])
+    pd.DataFrame({"id": [f"{i:04d}" for i in range(n)], "split": split, "sha256": [f"{i:064x}" for i in range(n)],
+                  "shard": [0] * 50 + [1] * 46, "offset": list(range(50)) + list(range(46)),
+                  "tags": [[c for c, on in zip("abc", row) if on] for row in y]}).to_parquet(prepared / "manifest.parquet")
+    np.save(labels / "targets.npy", y)
+    (labels / "vocabulary.json").write_text(json.dumps({"labels": ["a", "b", "c"]}))
+    return prepared, labels
+
+
+def _params(**kw):
+    return TrainParams(**{"model": "simple_cnn", "epochs": 4, "batch_size": 16, "lr": 0.003, "patience": 10,
+                          "device": "cpu", **kw})
+
+
+def test_training_learns_and_writes_a_self_describing_model(data, tmp_path):
+    prepared, labels = data
+    result = train(_params(), prepared, labels, tmp_path / "models", tmp_path / "reports")
+    assert result.epochs_run == 4 and result.best_val_map > 0.8
+    model, meta = load_model_file(tmp_path / "models" / MODEL_FILE)
+    assert meta["labels"] == ["a", "b", "c"] and meta["image_size"] == 16 and meta["arch"] == "simple_cnn"
+    assert meta["params"]["epochs"] == 4
+    history = (tmp_path / "reports" / "train_history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,val_map,lr,seconds" and len(history) == 5
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
+    prepared, labels = data
+    p = _params(model="resnet18", epochs=3, batch_size=16)
+    torch.set_num_threads(1)  # bitwise-repeatable CPU kernels
+    train(p, prepared, labels, tmp_path / "full", tmp_path / "r1")
+    cut = train(p, prepared, labels, tmp_path / "cut", tmp_path / "r2", stop_after_epochs=1)
+    assert cut.epochs_run == 1 and (tmp_path / "cut" / CHECKPOINT).exists()
+    resumed = train(p, prepared, labels, tmp_path / "cut", tmp_path / "r2")
+    assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == 3
+    a = torch.load(tmp_path / "full" / MODEL_FILE, weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / MODEL_FILE, weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoint_of_other_params_is_not_resumed(data, tmp_path):
+    prepared, labels = data
+    train(_params(), prepared, labels, tmp_path / "m", tmp_path / "r", stop_after_epochs=1)
+    result = train(_params(lr=0.001), prepared, labels, tmp_path / "m", tmp_path / "r")
+    assert result.resumed_from_epoch == 0
+
+
+def test_pretrained_weights_load_from_a_local_file(tmp_path):
+    source = build_model("resnet18", 5, 32)
+    torch.save(source.backbone.state_dict(), tmp_path / "weights.pth")
+    model = build_model("resnet18", 3, 32, pretrained=str(tmp_path / "weights.pth"))
+    assert torch.equal(model.backbone.conv1.weight, source.backbone.conv1.weight)
+    assert model.backbone.fc.out_features == 3  # head replaced for the label count
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        build_model("resnet18", 3, 32, pretrained=str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match="unknown model 'resnet19'"):
+        build_model("resnet19", 3, 32)
+
+
+def test_augment_keeps_shape_and_identity_when_off():
+    x = torch.rand(4, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    assert augment(x, AugmentParams(random_resized_crop=False), g) is x
+    y = augment(x, AugmentParams(hflip=True), g)
+    assert y.shape == x.shape and not torch.equal(x, y)
+
+
+def test_pos_weight_counts_negatives_per_positive():
+    y = torch.tensor([[1, 0], [0, 0], [0, 0], [1, 0]], dtype=torch.float32)
+    assert torch.equal(pos_weight_for(y), torch.tensor([1.0, 4.0]))  # 2 neg/2 pos; no positives: capped count
+
+
+def test_model_file_round_trip(tmp_path):
+    m = build_model("simple_cnn", 2, 8)
+    save_model_file(tmp_path / "m.pt", arch="simple_cnn", labels=["x", "y"], image_size=8, state_dict=m.state_dict())
+    loaded, meta = load_model_file(tmp_path / "m.pt")
+    x = torch.rand(1, 3, 8, 8)
+    assert torch.allclose(loaded(x), m.eval()(x))

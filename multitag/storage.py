@@ -22,7 +22,7 @@ class PreconditionFailed(Exception):
     """A conditional write lost: the key exists (if_none_match) or changed (if_match)."""
 
 
-class NotFound(KeyError):
+class NotFound(LookupError):
     pass
 
 

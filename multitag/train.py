@@ -168,9 +168,12 @@ def train_one_epoch(model, images, targets, opt, sched, loss_fn, p: TrainParams,
 
 
 def fingerprint(p: TrainParams, prepared_dir: Path, labels_dir: Path) -> str:
-    """Identity of a training run: params + data. A checkpoint is resumed only if this matches."""
+    """Identity of a training run: params, data and training code. A checkpoint is resumed only
+    if this matches (a code change must retrain, not re-export an old run)."""
+    from multitag import models
     h = hashlib.sha256(json.dumps(p.model_dump(mode="json"), sort_keys=True).encode())
-    for f in (prepared_dir / MANIFEST, labels_dir / TARGETS, labels_dir / VOCABULARY):
+    for f in (prepared_dir / MANIFEST, labels_dir / TARGETS, labels_dir / VOCABULARY, Path(__file__),
+              Path(models.__file__)):
         h.update(f.read_bytes())
     return h.hexdigest()
 

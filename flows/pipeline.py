@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.labels import labels
+from tasks.push import push
 from tasks.register import register
 from tasks.train import train
 
@@ -24,19 +25,22 @@ def _run_name() -> str:
 
 @flow(name="training-pipeline", flow_run_name=_run_name)
 def training_pipeline(workdir: str = ".") -> dict:
-    """Run every stage in the DVC workspace ``workdir``; returns a summary of the run."""
+    """Run every stage in the DVC workspace ``workdir``, then push to the DVC remote if one is set;
+    returns a summary of the run."""
     data = ingest(workdir)
     vocab = labels(workdir)
     fit = train(workdir)
     metrics = evaluate(workdir)
     reg = register(workdir)
+    pushed = push(workdir)
     t = metrics["test"]
     summary = {
         "splits": data["splits"], "rejected": data["rejected"], "labels": vocab["labels"],
         "test_map": t["map"], "micro_f1": t["micro_f1"], "macro_f1": t["macro_f1"],
         "hamming_loss": t["hamming_loss"], "subset_accuracy": t["subset_accuracy"],
         "epochs": fit["epochs_run"], "version": reg["version"], "new_version": reg["created"],
-        "champion": reg["champion"], "reason": reg["reason"],
+        "champion": reg["champion"], "reason": reg["reason"], "store": reg["store"],
+        "dvc_remote": pushed["remote"] if pushed["pushed"] else None,
         "stages_run": [name for name, r in zip(("ingest", "labels", "train", "evaluate", "register"),
                                                (data, vocab, fit, metrics, reg)) if r["ran"]],
     }
@@ -59,6 +63,8 @@ def summary_table(s: dict, seconds: float | None = None) -> str:
         ("subset accuracy", f"{s['subset_accuracy']:.4f}"),
         ("registered version", f"v{s['version']}" + ("" if s["new_version"] else " (already registered)")),
         ("champion", f"{'yes' if s['champion'] else 'no'} ({s['reason']})"),
+        ("artifact store", s["store"]),
+        ("pushed to DVC remote", s["dvc_remote"] or "no (no default remote)"),
         ("stages run", ", ".join(s["stages_run"]) or "none (all up to date)"),
     ]
     if seconds is not None:

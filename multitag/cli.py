@@ -32,8 +32,12 @@ class Stage(str, Enum):
 
 
 def _setup_logging() -> None:
+    from multitag.redact import RedactingFilter
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
 
 
 def is_transient(err: BaseException) -> bool:
@@ -93,7 +97,7 @@ def stage(
         elif name is Stage.register:
             from multitag.register import register_model
             register_model(p)
-    except (ConfigError, ValueError, KeyError, RuntimeError, OSError) as err:
+    except (ConfigError, ValueError, LookupError, RuntimeError, OSError) as err:
         _fail(err)
 
 
@@ -136,6 +140,92 @@ def predict(
     except (ConfigError, NotFound, ValueError, OSError) as err:
         _fail(err)
     typer.echo(f"{result['images']} images ({result['failed']} unreadable) scored with {result['model']}: {result['out']}")
+
+
+models_app = typer.Typer(no_args_is_help=True, help="List, inspect, promote and roll back registered models.")
+remote_app = typer.Typer(no_args_is_help=True, help="The DVC remote that versioned data and models are pushed to.")
+app.add_typer(models_app, name="models")
+app.add_typer(remote_app, name="remote")
+ParamsOption = Annotated[Path, typer.Option(help="params.yaml naming the store and the registered model")]
+
+
+def _registry(params: Path):
+    from multitag.registry import Registry
+    from multitag.storage import open_store
+
+    p = load_params(params)
+    return Registry(open_store(p.store.uri, params.parent), p.register.name)
+
+
+def _registry_call(params: Path, fn):
+    """Run fn(registry) with the store's errors reported plainly."""
+    from multitag.storage import NotFound, StoreError
+
+    _setup_logging()
+    try:
+        return fn(_registry(params))
+    except (ConfigError, NotFound, StoreError, ValueError) as err:
+        _fail(err)
+
+
+@models_app.command("list")
+def models_list(params: ParamsOption = Path("params.yaml")):
+    """Every complete version, oldest first; * marks the champion."""
+    def show(reg):
+        champ = reg.alias("champion")
+        champ_v = champ[0]["version"] if champ else None
+        typer.echo(f"{'':2}{'version':>7}  {'created':25}  {'test mAP':>8}  test set")
+        for v in reg.versions():
+            mark = "*" if v["version"] == champ_v else ""
+            typer.echo(f"{mark:2}{v['version']:>7}  {v['created_at']:25}  {v['test_map']:>8.4f}  {v['test_set']}")
+    _registry_call(params, show)
+
+
+@models_app.command("show")
+def models_show(ref: Annotated[str, typer.Argument(help="Version number or alias (champion)")] = "champion",
+                params: ParamsOption = Path("params.yaml")):
+    """Print a version's model card."""
+    def show(reg):
+        typer.echo(reg.store.get_bytes(reg.version_key(reg.resolve(ref), "MODEL_CARD.md"))[0].decode())
+    _registry_call(params, show)
+
+
+@models_app.command("promote")
+def models_promote(version: Annotated[int, typer.Argument(help="Version to make the champion")],
+                   reason: Annotated[str, typer.Option(help="Why (recorded in the alias)")],
+                   params: ParamsOption = Path("params.yaml")):
+    """Make VERSION the champion, whatever its metrics; the reason is recorded."""
+    rec = _registry_call(params, lambda reg: reg.promote(version, reason))
+    typer.echo(f"champion -> v{rec['version']} ({rec['reason']})")
+
+
+@models_app.command("rollback")
+def models_rollback(reason: Annotated[str, typer.Option(help="Why (recorded in the alias)")] = "rollback",
+                    params: ParamsOption = Path("params.yaml")):
+    """Point the champion back at the version it replaced."""
+    rec = _registry_call(params, lambda reg: reg.rollback(reason))
+    typer.echo(f"champion -> v{rec['version']} ({rec['reason']})")
+
+
+@remote_app.command("setup")
+def remote_setup(url: Annotated[str, typer.Argument(help="s3://bucket/prefix (or any URL DVC supports)")],
+                 name: Annotated[str, typer.Option(help="Remote name")] = "storage",
+                 workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")):
+    """Make URL the default DVC remote (endpoint from AWS_ENDPOINT_URL; credentials stay in the
+    environment, never in the config). A pipeline run then pushes its data and models there."""
+    import os
+    import subprocess
+
+    _setup_logging()
+    dvc = [sys.executable, "-m", "dvc"]
+    cmds = [[*dvc, "remote", "add", "--default", "--force", name, url]]
+    if os.environ.get("AWS_ENDPOINT_URL") and url.startswith("s3://"):
+        cmds.append([*dvc, "remote", "modify", name, "endpointurl", os.environ["AWS_ENDPOINT_URL"]])
+    for cmd in cmds:
+        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+        if proc.returncode != 0:
+            _fail(RuntimeError(f"{' '.join(cmd[2:])} failed: {proc.stderr.strip()}"))
+    typer.echo(f"DVC remote {name!r} -> {url} (default); `git add .dvc/config` to share it")
 
 
 if __name__ == "__main__":

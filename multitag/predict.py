@@ -13,7 +13,7 @@ import numpy as np
 from multitag.images import RecordError, decode, read_bytes
 from multitag.models import load_model_file, predict_scores
 from multitag.registry import Registry
-from multitag.storage import LocalStore
+from multitag.storage import Store
 from multitag.train import select_device
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def _load(model: str, registry: Registry, thresholds_file: str | None, device):
     return net, meta, np.asarray(card["thresholds"]), f"{registry.name} v{version}"
 
 
-def predict_folder(folder: str | Path, model: str, store: LocalStore, registry_name: str, out: str | Path,
+def predict_folder(folder: str | Path, model: str, store: Store, registry_name: str, out: str | Path,
                    thresholds_file: str | None = None, batch_size: int = 256) -> dict:
     """Write a CSV: image, predicted labels (space-separated, at the tuned thresholds), error, and
     one probability column per label. Unreadable images get a row with the error, not a crash."""

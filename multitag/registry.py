@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from multitag.storage import LocalStore, NotFound, PreconditionFailed
+from multitag.storage import NotFound, PreconditionFailed, Store
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def git_commit(workspace: str | Path = ".") -> dict:
 
 
 class Registry:
-    def __init__(self, store: LocalStore, name: str):
+    def __init__(self, store: Store, name: str):
         self.store, self.name = store, name
         self.prefix = f"registry/{name}"
 
@@ -156,6 +156,18 @@ class Registry:
         log.info("registered %s v%d", self.name, version)
         return self._maybe_promote(record, min_improvement, rescore)
 
+    def _write_champion(self, current: tuple[dict, str] | None, record: dict, reason: str,
+                        lineage: list[int]) -> None:
+        """Compare-and-swap the champion alias from ``current``; PreconditionFailed if it moved."""
+        body = json.dumps({**record, "reason": reason, "lineage": lineage,
+                           "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode()
+        key = f"{self.prefix}/aliases/{CHAMPION}.json"
+        if current is None:
+            self.store.put_bytes(key, body, if_none_match=True)
+        else:
+            self.store.put_bytes(key, body, if_match=current[1])
+        log.info("champion -> v%d (%s)", record["version"], reason)
+
     def _maybe_promote(self, record: dict, min_improvement: float, rescore) -> Registration:
         version = record["version"]
         while True:
@@ -176,17 +188,41 @@ class Registry:
                           f"(min improvement {min_improvement})")
             if not decision:
                 return Registration(version, True, False, prev, reason)
-            body = json.dumps({**record, "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "reason": reason}).encode()
+            lineage = (current[0].get("lineage", [prev]) if current else []) + [version]
             try:
-                if current is None:
-                    self.store.put_bytes(f"{self.prefix}/aliases/{CHAMPION}.json", body, if_none_match=True)
-                else:
-                    self.store.put_bytes(f"{self.prefix}/aliases/{CHAMPION}.json", body, if_match=current[1])
+                self._write_champion(current, record, reason, lineage)
             except PreconditionFailed:
                 continue  # another registration moved the alias meanwhile: decide again against it
-            log.info("champion -> v%d (%s)", version, reason)
             return Registration(version, True, True, prev, reason)
+
+    def _version_record(self, version: int) -> dict:
+        return json.loads(self.store.get_bytes(self.version_key(version, "version.json"))[0])
+
+    def promote(self, version: int, reason: str) -> dict:
+        """Make ``version`` the champion whatever its metrics (a person's decision, with its reason)."""
+        record = self._version_record(self.resolve(version))
+        while True:
+            current = self.alias(CHAMPION)
+            lineage = (current[0].get("lineage", []) if current else []) + [record["version"]]
+            try:
+                self._write_champion(current, record, f"promoted by hand: {reason}", lineage)
+                return self.alias(CHAMPION)[0]
+            except PreconditionFailed:
+                continue
+
+    def rollback(self, reason: str = "rollback") -> dict:
+        """Point the champion back at the one it replaced."""
+        while True:
+            current = self.alias(CHAMPION)
+            lineage = current[0].get("lineage", []) if current else []
+            if len(lineage) < 2:
+                raise NotFound(f"model {self.name!r}: no earlier champion to roll back to")
+            record = self._version_record(lineage[-2])
+            try:
+                self._write_champion(current, record, f"rolled back from v{lineage[-1]}: {reason}", lineage[:-1])
+                return self.alias(CHAMPION)[0]
+            except PreconditionFailed:
+                continue
 
 
 def model_card_markdown(card: dict) -> str:

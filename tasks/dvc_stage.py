@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from multitag.cli import EXIT_TRANSIENT
+from multitag.redact import redact
 
 
 class StageFailed(RuntimeError):
@@ -41,26 +42,31 @@ def stage_env() -> dict:
             "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run_stage(stage: str, workdir: str, with_upstream: bool = False) -> bool:
-    """`dvc repro` one stage in ``workdir`` (with the stages it depends on if ``with_upstream``).
-    Returns True if the stage ran, False if DVC found it unchanged and skipped it."""
+def run_dvc(args: list[str], workdir: str) -> tuple[int, list[str]]:
+    """Run ``dvc <args>`` in ``workdir``, streaming its output (secrets masked) into the Prefect log."""
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", "dvc", "repro", *([] if with_upstream else ["--single-item"]), stage]
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=stage_env())
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=stage_env())
     lines = []
     for line in proc.stdout:
-        line = line.rstrip()
+        line = redact(line.rstrip())
         if line:
             lines.append(line)
             logger.info(line)
-    if proc.wait() != 0:
+    return proc.wait(), lines
+
+
+def run_stage(stage: str, workdir: str, with_upstream: bool = False) -> bool:
+    """`dvc repro` one stage in ``workdir`` (with the stages it depends on if ``with_upstream``).
+    Returns True if the stage ran, False if DVC found it unchanged and skipped it."""
+    code, lines = run_dvc(["repro", *([] if with_upstream else ["--single-item"]), stage], workdir)
+    if code != 0:
         tail = "\n".join(lines[-15:])
         if any(f"exited with {EXIT_TRANSIENT}" in line for line in lines):
             raise TransientStageError(f"stage {stage!r} failed on transient I/O:\n{tail}")
         raise StageFailed(f"stage {stage!r} failed:\n{tail}")
     ran = any(f"Running stage '{stage}'" in line for line in lines)
-    logger.info("stage %s %s", stage, "ran" if ran else "unchanged, skipped by DVC")
+    get_run_logger().info("stage %s %s", stage, "ran" if ran else "unchanged, skipped by DVC")
     return ran
 
 

@@ -6,7 +6,7 @@ import torch
 
 from multitag.models import build_model, save_model_file
 from multitag.registry import CHAMPION, Registry
-from multitag.storage import LocalStore, NotFound, PreconditionFailed
+from multitag.storage import NotFound, open_store
 
 
 def _model_file(path, seed: int):
@@ -23,8 +23,8 @@ def _card(test_map: float, test_set: str = "T1") -> dict:
 
 
 @pytest.fixture
-def registry(tmp_path):
-    return Registry(LocalStore(tmp_path / "store"), "m")
+def registry(store_uri):
+    return Registry(open_store(store_uri), "m")
 
 
 def test_versions_champion_rule_and_idempotence(registry, tmp_path):
@@ -75,32 +75,37 @@ def test_incomplete_version_is_invisible(registry, tmp_path):
     assert r.version == 3  # the dead claim's number is never reused
 
 
-def test_local_store_conditional_writes(tmp_path):
-    store = LocalStore(tmp_path)
-    etag = store.put_bytes("k/a.json", b"1", if_none_match=True)
-    with pytest.raises(PreconditionFailed):
-        store.put_bytes("k/a.json", b"2", if_none_match=True)
-    new = store.put_bytes("k/a.json", b"3", if_match=etag)
-    with pytest.raises(PreconditionFailed):
-        store.put_bytes("k/a.json", b"4", if_match=etag)  # stale etag
-    assert store.get_bytes("k/a.json") == (b"3", new)
-    with pytest.raises(ValueError):
-        store.put_bytes("../escape", b"x")
-
-
 def _register_one(args):
-    root, i, model_path = args
-    reg = Registry(LocalStore(root), "m")
+    uri, i, model_path = args
+    reg = Registry(open_store(uri), "m")
     return reg.register({"model.pt": model_path}, _card(0.5 + i / 100)).version
 
 
-def test_concurrent_registrations_get_distinct_versions(tmp_path):
+def test_concurrent_registrations_get_distinct_versions(store_uri, tmp_path):
     models = [_model_file(tmp_path / f"{i}.pt", 100 + i) for i in range(8)]
     with mp.get_context("spawn").Pool(8) as pool:
-        versions = pool.map(_register_one, [(tmp_path / "store", i, m) for i, m in enumerate(models)])
+        versions = pool.map(_register_one, [(store_uri, i, m) for i, m in enumerate(models)])
     assert sorted(versions) == list(range(1, 9))
-    reg = Registry(LocalStore(tmp_path / "store"), "m")
+    reg = Registry(open_store(store_uri), "m")
     assert len(reg.versions()) == 8
     champion = json.loads(reg.store.get_bytes("registry/m/aliases/champion.json")[0])
     best = max(reg.versions(), key=lambda v: v["test_map"])
     assert champion["version"] == best["version"]  # every CAS loser re-decided against the winner
+    for v in reg.versions():  # every version complete: its files match the card's checksums
+        reg.download_model(v["version"], tmp_path / f"check{v['version']}.pt")
+
+
+def test_promote_and_rollback_record_reasons(registry, tmp_path):
+    for i, m in enumerate([0.7, 0.8, 0.9]):
+        registry.register({"model.pt": _model_file(tmp_path / f"{i}.pt", i)}, _card(m))
+    assert registry.resolve(CHAMPION) == 3
+    rec = registry.promote(1, reason="v3 misbehaves on night photos")
+    assert rec["version"] == 1 and "night photos" in rec["reason"] and rec["lineage"] == [1, 2, 3, 1]
+    rec = registry.rollback(reason="night issue fixed")
+    assert rec["version"] == 3 and "rolled back from v1" in rec["reason"]
+    assert registry.rollback()["version"] == 2
+    assert registry.rollback()["version"] == 1
+    with pytest.raises(NotFound, match="no earlier champion"):
+        registry.rollback()
+    with pytest.raises(NotFound):
+        registry.promote(9, reason="typo")

@@ -116,7 +116,12 @@ def run(
         load_params(workdir / "params.yaml")
     except ConfigError as err:
         _fail(err)
-    summary = training_pipeline(workdir=str(workdir.resolve()))
+    from tasks.dvc_stage import StageFailed
+
+    try:
+        summary = training_pipeline(workdir=str(workdir.resolve()))
+    except StageFailed as err:  # the stage's own output is already in the log above
+        _fail(err)
     typer.echo(summary_table(summary, time.time() - start))
 
 

@@ -22,9 +22,12 @@ from multitag.train import load_split, select_device
 
 log = logging.getLogger(__name__)
 
+# What a registered version holds: the model and the reports of the run that made it.
 ARTIFACTS = {"model.pt": "models/model.pt", "thresholds.json": "reports/thresholds.json",
              "metrics.json": "reports/metrics.json", "per_label.csv": "reports/per_label.csv",
-             "pr_curves.png": "reports/plots/pr_curves.png"}
+             "pr_curves.png": "reports/plots/pr_curves.png", "train_history.csv": "reports/train_history.csv",
+             "ingest_issues.csv": "reports/ingest_issues.csv", "label_stats.json": "reports/label_stats.json",
+             "label_stats.png": "reports/plots/label_stats.png"}
 
 
 def test_set_digest(prepared_dir: str | Path) -> str:

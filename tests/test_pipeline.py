@@ -96,9 +96,17 @@ def test_flow_runs_every_stage_registers_and_predicts(workspace):
 
 
 def test_stage_errors_are_clear_and_not_retried(workspace):
-    params = tiny_params(ingest={"annotations": "nowhere.csv", "images": "."})
+    params = tiny_params(ingest={"annotations": "nowhere.csv", "images": "imgs"})
+    (workspace / "imgs").mkdir()
     params["train"]["lrr"] = 1
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     proc = run([str(BIN / "multitag"), "stage", "ingest"], workspace, check=False)
     assert proc.returncode == 1
     assert "train.lrr: unknown key" in proc.stderr and "Traceback" not in proc.stderr
+
+    del params["train"]["lrr"]
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run([str(BIN / "multitag"), "run"], workspace, check=False)
+    assert proc.returncode == 1
+    # DVC checks the stage's dependencies first; its error names the missing file
+    assert "stage 'ingest' failed" in proc.stderr and "nowhere.csv" in proc.stderr.splitlines()[-1]

@@ -44,6 +44,8 @@ def test_pipeline_on_s3_registry_predict_and_dvc_pull(workspace, s3_bucket, tmp_
             for o in page.get("Contents", [])]
     assert "models/registry/multitag/versions/000001/version.json" in keys
     assert "models/registry/multitag/aliases/champion.json" in keys
+    for report in ("metrics.json", "per_label.csv", "pr_curves.png", "ingest_issues.csv", "train_history.csv"):
+        assert f"models/registry/multitag/versions/000001/{report}" in keys
     assert any(k.startswith("dvc/files/md5/") for k in keys)
 
     # prediction reads the champion back from S3

@@ -73,3 +73,17 @@ def test_endpoint_gone_mid_upload_leaves_no_partial_version(s3_bucket, moto_endp
     assert [v["version"] for v in registry.versions()] == [2]  # no partial version 1
     registry.download_model("champion", tmp_path / "back.pt")  # complete, checksum verified
     proxy.stop()
+
+
+def test_large_files_go_up_in_parts_and_come_back_intact(s3_bucket, tmp_path):
+    from boto3.s3.transfer import TransferConfig
+
+    store = S3Store(f"s3://{s3_bucket}/big")
+    store.transfer = TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)  # S3's minimum part
+    src = tmp_path / "big.bin"
+    src.write_bytes(bytes(range(256)) * (11 * 2**20 // 256))  # 11 MiB -> 3 parts
+    store.put_file("model.pt", src)
+    etag = store.s3.head_object(Bucket=s3_bucket, Key="big/model.pt")["ETag"]
+    assert etag.strip('"').endswith("-3")  # a multipart upload's ETag counts its parts
+    store.get_file("model.pt", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()

@@ -37,10 +37,16 @@ class SampleParams(_Section):
 
 class IngestParams(_Section):
     annotations: str = "data/sample/annotations.csv"
-    images: str = "data/sample/images"
+    format: Literal["auto", "tags_csv", "multihot_csv", "jsonl", "coco", "voc"] = "auto"
+    images: str = "data/sample/images"  # "" = the annotations file's folder (VOC: its JPEGImages/)
     image_column: str = "image_name"
     tags_column: str = "tags"
     delimiter: str = " "
+    no_label: str | None = None         # a tag meaning "no labels", e.g. "No Finding"
+    voc_difficult: Literal["ignore", "positive"] = "ignore"
+    allowed_labels: list[str] | None = None  # a fixed vocabulary: other labels reject the record
+    strict: bool = False                # any rejected record fails the run
+    max_rejected_fraction: float = Field(0.5, ge=0, le=1)  # more rejected than this fails the run
     image_size: int = Field(32, ge=8, le=1024)
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)

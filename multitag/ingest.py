@@ -21,24 +21,47 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from multitag.config import IngestParams
+from multitag.formats import IngestError, Record, read_records
 from multitag.images import RecordError, decode, read_bytes, resolve_image, sha256
 from multitag.progress import progress
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.parquet"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".tif", ".tiff", ".bmp", ".webp")
 SHARDS = "shards"
 _BAD_TAG = re.compile(r"[\x00-\x1f\x7f,;|]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class IngestError(RuntimeError):
-    """The annotations file as a whole is unusable; the message says what to fix."""
+def _write_issues(reports_dir: Path, rows: list[tuple[str, str, str]]) -> Path:
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    report = reports_dir / "ingest_issues.csv"
+    with report.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["record", "image", "reason"])
+        w.writerows(rows)
+    return report
+
+
+def _check_rejections(p: IngestParams, total: int, issues: list, records: list[Record], report: Path) -> None:
+    """ingest.strict fails on any rejection; max_rejected_fraction on too many (usually a wrong
+    setting, such as the image folder or the delimiter, rather than bad images)."""
+    first = "; ".join(f"{records[i].ref} {image}: {reason}" for i, image, reason in issues[:5])
+    if p.strict and issues:
+        raise IngestError(f"ingest.strict: {len(issues)} of {total} records rejected (all in {report}); "
+                          f"first: {first}")
+    if len(issues) > p.max_rejected_fraction * total:
+        raise IngestError(f"{len(issues)} of {total} records rejected, more than ingest.max_rejected_fraction="
+                          f"{p.max_rejected_fraction}: check ingest.images, ingest.format and the column/"
+                          f"delimiter settings (all reasons in {report}); first: {first}")
 
 
 @dataclass(frozen=True)
 class IngestResult:
     records: int
     accepted: int
+    format: str
     rejected: int
     negatives: int
     splits: dict
@@ -54,44 +77,36 @@ def split_for(digest: str, val_fraction: float, test_fraction: float) -> str:
     return "val" if u < test_fraction + val_fraction else "train"
 
 
-def parse_tags(value: str, delimiter: str) -> list[str]:
-    """Sorted, de-duplicated labels of one record; '' means no labels (a valid negative)."""
-    tags = sorted({t.strip() for t in value.split(delimiter) if t.strip()})
+def check_tags(record: Record, fmt: str, p: IngestParams) -> tuple[str, ...]:
+    """The record's labels, sorted and de-duplicated, or RecordError saying what is wrong."""
+    if record.error:
+        raise RecordError(record.error)
+    tags = tuple(sorted(set(record.tags)))
     for t in tags:
-        bad = _BAD_TAG.search(t)
+        bad = (_BAD_TAG if fmt == "tags_csv" else _CONTROL).search(t)
         if bad:
-            raise RecordError(f"malformed tag {t!r}: contains {bad.group()!r} "
-                              f"(is ingest.delimiter {delimiter!r} right for this file?)")
+            raise RecordError(f"malformed tag {t!r}: contains {bad.group()!r}"
+                              + (f" (is ingest.delimiter {p.delimiter!r} right for this file?)" if fmt == "tags_csv" else ""))
+    if p.allowed_labels is not None:
+        unknown = [t for t in tags if t not in p.allowed_labels]
+        if unknown:
+            raise RecordError(f"unknown label(s) {unknown}: not in ingest.allowed_labels")
     return tags
 
 
-def read_annotations(p: IngestParams) -> pd.DataFrame:
-    path = Path(p.annotations)
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise IngestError(f"annotations file not found: {path} (set ingest.annotations)") from None
-    except UnicodeDecodeError as err:
-        raise IngestError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); "
-                          "re-save the file as UTF-8") from None
-    except pd.errors.EmptyDataError:
-        raise IngestError(f"{path}: empty file, expected a header '{p.image_column},{p.tags_column}'") from None
-    except pd.errors.ParserError as err:
-        raise IngestError(f"{path}: not a readable CSV file ({err})") from None
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in (p.image_column, p.tags_column) if c not in df.columns]
-    if missing:
-        raise IngestError(f"{path}: missing column(s) {missing}; the file has {list(df.columns)} "
-                          "(set ingest.image_column / ingest.tags_column)")
-    if df.empty:
-        raise IngestError(f"{path}: no records (only a header)")
-    return df
+def images_root(p: IngestParams, fmt: str) -> Path:
+    if p.images:
+        return Path(p.images)
+    ann = Path(p.annotations)
+    return ann / "JPEGImages" if fmt == "voc" else ann.parent
 
 
 def _load_record(args):
     row, name, root, size = args
     try:
         path = resolve_image(Path(root), name)
+        if not path.suffix and not path.exists():  # names without extension (Kaggle Planet: train_1)
+            path = next((c for c in map(path.with_suffix, IMAGE_SUFFIXES) if c.exists()), path)
         data = read_bytes(path)
         return row, sha256(data), decode(data, size, name), None
     except RecordError as err:
@@ -117,18 +132,18 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
            reports_dir: str | Path = "reports") -> IngestResult:
     """Validate every record, decode and resize images, write shards + manifest and the issues report."""
     out_dir, reports_dir = Path(out_dir), Path(reports_dir)
-    df = read_annotations(p)
+    fmt, records = read_records(p)
+    root = images_root(p, fmt)
     issues: list[tuple[int, str, str]] = []
     jobs, tags_of = [], {}
-    for i, (name, tags) in enumerate(zip(df[p.image_column], df[p.tags_column])):
-        row = i + 2  # line in the file: the header is line 1
+    for i, record in enumerate(records):
         try:
-            tags_of[row] = parse_tags(tags, p.delimiter)
+            tags_of[i] = check_tags(record, fmt, p)
         except RecordError as err:
-            issues.append((row, name, str(err)))
+            issues.append((i, record.image, str(err)))
             continue
-        jobs.append((row, name.strip(), p.images, p.image_size))
-    names = {row: name for row, name, _, _ in jobs}
+        jobs.append((i, record.image, str(root), p.image_size))
+    names = {i: r.image for i, r in enumerate(records)}
 
     seen: dict[str, int] = {}
     kept: list[dict] = []
@@ -140,17 +155,21 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
         if digest in seen:
             first = seen[digest]
             same = tags_of[first] == tags_of[row]
-            issues.append((row, names[row], f"duplicate of row {first} ({names[first]}): same image content, "
+            issues.append((row, names[row], f"duplicate of {records[first].ref} ({names[first]}): same image content, "
                            + ("same labels" if same else
-                              f"conflicting labels {tags_of[row]} vs {tags_of[first]}; kept row {first}")))
+                              f"conflicting labels {list(tags_of[row])} vs {list(tags_of[first])}; "
+                              f"kept {records[first].ref}")))
             continue
         seen[digest] = row
         pixels[row] = arr
         kept.append({"row": row, "id": digest[:16], "source": names[row], "sha256": digest,
-                     "split": split_for(digest, p.val_fraction, p.test_fraction), "tags": tags_of[row]})
+                     "split": split_for(digest, p.val_fraction, p.test_fraction), "tags": list(tags_of[row])})
+    issues.sort()
+    report = _write_issues(reports_dir, [(records[i].ref, image, reason) for i, image, reason in issues])
     if not kept:
-        raise IngestError(f"{p.annotations}: none of the {len(df)} records is usable; "
-                          f"first problems: {issues[:3]}")
+        raise IngestError(f"{p.annotations}: none of the {len(records)} records is usable; "
+                          f"reasons in {report}")
+    _check_rejections(p, len(records), issues, records, report)
 
     manifest = pd.DataFrame(kept).sort_values("sha256", ignore_index=True)
     order = manifest.pop("row").tolist()
@@ -166,17 +185,10 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
     manifest.to_parquet(tmp / MANIFEST, index=False)
     _write_atomic_dir(tmp, out_dir)
 
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    issues.sort()
-    report = reports_dir / "ingest_issues.csv"
-    with report.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "image", "reason"])
-        w.writerows(issues)
     version = hashlib.sha256("\n".join(
         f"{d} {' '.join(t)}" for d, t in zip(manifest["sha256"], manifest["tags"])).encode()).hexdigest()
     result = IngestResult(
-        records=len(df), accepted=len(manifest), rejected=len(issues),
+        records=len(records), accepted=len(manifest), format=fmt, rejected=len(issues),
         negatives=int((manifest["tags"].map(len) == 0).sum()),
         splits={s: int((manifest["split"] == s).sum()) for s in ("train", "val", "test")},
         data_version=version[:16], issues_report=str(report))

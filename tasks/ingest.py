@@ -14,12 +14,12 @@ def ingest(workdir: str) -> dict:
     s = read_json(workdir, "reports/ingest.json")
     with (Path(workdir) / s["issues_report"]).open(newline="", encoding="utf-8") as f:
         issues = list(csv.DictReader(f))
-    lines = [f"| {i['row']} | `{i['image']}` | {i['reason']} |" for i in issues[:20]]
+    lines = [f"| {i['record']} | `{i['image']}` | {i['reason']} |" for i in issues[:20]]
     md = (f"## Dataset\n\n| records | accepted | rejected | negatives | train | val | test |\n|---|---|---|---|---|---|---|\n"
           f"| {s['records']} | {s['accepted']} | {s['rejected']} | {s['negatives']} | {s['splits']['train']} "
           f"| {s['splits']['val']} | {s['splits']['test']} |\n\ndata version `{s['data_version']}`\n")
     if issues:
         md += (f"\n### Rejected records ({len(issues)}; full list in `{s['issues_report']}`)\n\n"
-               "| row | image | reason |\n|---|---|---|\n" + "\n".join(lines) + "\n")
+               "| record | image | reason |\n|---|---|---|\n" + "\n".join(lines) + "\n")
     create_markdown_artifact(key="dataset-summary", markdown=md, description="ingest: images accepted and rejected")
     return {**s, "ran": ran}

@@ -43,12 +43,13 @@ def messy(tmp_path):
         w = csv.writer(f)
         w.writerow(["image_name", "tags"])
         w.writerows(rows)
-    return IngestParams(annotations=str(ann), images=str(images), image_size=16, shard_size=4)
+    return IngestParams(annotations=str(ann), images=str(images), image_size=16, shard_size=4,
+                        max_rejected_fraction=1.0)
 
 
 def _report(reports):
     with (reports / "ingest_issues.csv").open(newline="") as f:
-        return {int(r["row"]): (r["image"], r["reason"]) for r in csv.DictReader(f)}
+        return {int(r["record"].removeprefix("line ")): (r["image"], r["reason"]) for r in csv.DictReader(f)}
 
 
 def test_bad_records_are_reported_and_valid_ones_kept(messy, tmp_path):
@@ -56,7 +57,7 @@ def test_bad_records_are_reported_and_valid_ones_kept(messy, tmp_path):
     issues = _report(tmp_path / "reports")
     expect = {  # row in the file -> words the reason must contain
         8: "not found", 9: "corrupt or truncated", 10: "not a readable image", 11: "zero-byte",
-        12: "duplicate of row 2", 13: "duplicate of row 3", 14: "outside the image folder",
+        12: "duplicate of line 2", 13: "duplicate of line 3", 14: "outside the image folder",
         15: "absolute path", 16: "outside the image folder", 17: "malformed tag 'car,dog'",
     }
     assert set(issues) == set(expect)

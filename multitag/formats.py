@@ -11,7 +11,8 @@ Supported (``ingest.format``; ``auto`` picks from the files present):
   ``label``) field names too.
 - ``coco``: COCO instances JSON; labels = category names of each image's annotations, images
   without annotations kept as negatives.
-- ``voc``: a Pascal VOC folder with ``Annotations/*.xml``.
+- ``voc``: a Pascal VOC folder with ``Annotations/*.xml`` (object names) or, without it,
+  ``ImageSets/Main/<label>_<split>.txt``.
 
 File-level problems raise IngestError; record-level problems come back as records with an error.
 """
@@ -45,9 +46,9 @@ IMAGE_FIELDS = ("image", "imageGcsUri", "image_url", "path")
 
 def detect_format(path: Path) -> str:
     if path.is_dir():
-        if (path / "Annotations").is_dir():
+        if (path / "Annotations").is_dir() or (path / "ImageSets" / "Main").is_dir():
             return "voc"
-        raise IngestError(f"{path}: a folder, but not a Pascal VOC layout (no Annotations/ inside)")
+        raise IngestError(f"{path}: a folder, but not a Pascal VOC layout (no Annotations/ or ImageSets/Main/)")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
@@ -156,7 +157,26 @@ def read_coco(path: Path, p: IngestParams) -> list[Record]:
     return [Record(f"images[id={i}]", images[i], tuple(sorted(labels[i])), errors.get(i)) for i in images]
 
 
+def read_voc_imagesets(root: Path, p: IngestParams) -> list[Record]:
+    """``ImageSets/Main/<label>_<split>.txt`` lines ``<image id> <1|-1|0>`` (0 = difficult)."""
+    labels: dict[str, set[str]] = {}
+    for f in sorted((root / "ImageSets" / "Main").glob("*_*.txt")):
+        label = f.stem.rsplit("_", 1)[0]
+        for n, line in enumerate(_read_text(f).splitlines()):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or parts[1] not in ("1", "-1", "0"):
+                raise IngestError(f"{f} line {n + 1}: expected '<image id> <1|-1|0>', got {line!r}")
+            tags = labels.setdefault(parts[0], set())
+            if parts[1] == "1" or (parts[1] == "0" and p.voc_difficult == "positive"):
+                tags.add(label)
+    return [Record(f"ImageSets/Main image {i}", i, tuple(sorted(tags))) for i, tags in sorted(labels.items())]
+
+
 def read_voc(root: Path, p: IngestParams) -> list[Record]:
+    if not (root / "Annotations").is_dir():
+        return read_voc_imagesets(root, p)
     records = []
     for xml in sorted((root / "Annotations").glob("*.xml")):
         ref = f"Annotations/{xml.name}"

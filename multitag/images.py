@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,6 +30,35 @@ def resolve_image(root: Path, name: str) -> Path:
     if not path.is_relative_to(root):
         raise RecordError(f"path {name!r} leads outside the image folder {root}")
     return path
+
+
+_s3_clients: dict = {}
+
+
+def read_s3(uri: str) -> bytes:
+    """Bytes of s3://bucket/key (credentials and endpoint from the standard AWS sources)."""
+    import os
+
+    from botocore.exceptions import ClientError
+
+    from multitag.storage import S3Store
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not key or ".." in PurePosixPath(key).parts:
+        raise RecordError(f"invalid S3 image location {uri!r}")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint not in _s3_clients:  # one client per (worker) process and endpoint
+        _s3_clients[endpoint] = S3Store(f"s3://{bucket}").s3
+    try:
+        data = _s3_clients[endpoint].get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404"):
+            raise RecordError(f"image not found: {uri}") from None
+        raise  # bucket or access problems concern the whole run, not this record
+    if not data:
+        raise RecordError(f"empty (zero-byte) file: {uri}")
+    return data
 
 
 def read_bytes(path: Path) -> bytes:

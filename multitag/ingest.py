@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from multitag.config import IngestParams
 from multitag.formats import IngestError, Record, read_records
-from multitag.images import RecordError, decode, read_bytes, resolve_image, sha256
+from multitag.images import RecordError, decode, read_bytes, read_s3, resolve_image, sha256
 from multitag.progress import progress
 
 log = logging.getLogger(__name__)
@@ -94,20 +94,31 @@ def check_tags(record: Record, fmt: str, p: IngestParams) -> tuple[str, ...]:
     return tags
 
 
-def images_root(p: IngestParams, fmt: str) -> Path:
+def images_root(p: IngestParams, fmt: str) -> str:
     if p.images:
-        return Path(p.images)
+        return p.images
     ann = Path(p.annotations)
-    return ann / "JPEGImages" if fmt == "voc" else ann.parent
+    return str(ann / "JPEGImages" if fmt == "voc" else ann.parent)
+
+
+def _image_bytes(root: str, name: str) -> bytes:
+    """An image's bytes: from S3 when the image folder or the path is s3://..., else from disk."""
+    if name.startswith("s3://"):
+        return read_s3(name)
+    if root.startswith("s3://"):
+        if name.startswith("/"):
+            raise RecordError(f"absolute path {name!r} refused: image paths must be relative to the image folder")
+        return read_s3(f"{root.rstrip('/')}/{name}")
+    path = resolve_image(Path(root), name)
+    if not path.suffix and not path.exists():  # names without extension (Kaggle Planet: train_1)
+        path = next((c for c in map(path.with_suffix, IMAGE_SUFFIXES) if c.exists()), path)
+    return read_bytes(path)
 
 
 def _load_record(args):
     row, name, root, size = args
     try:
-        path = resolve_image(Path(root), name)
-        if not path.suffix and not path.exists():  # names without extension (Kaggle Planet: train_1)
-            path = next((c for c in map(path.with_suffix, IMAGE_SUFFIXES) if c.exists()), path)
-        data = read_bytes(path)
+        data = _image_bytes(root, name)
         return row, sha256(data), decode(data, size, name), None
     except RecordError as err:
         return row, None, None, str(err)
@@ -142,7 +153,7 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
         except RecordError as err:
             issues.append((i, record.image, str(err)))
             continue
-        jobs.append((i, record.image, str(root), p.image_size))
+        jobs.append((i, record.image, root, p.image_size))
     names = {i: r.image for i, r in enumerate(records)}
 
     seen: dict[str, int] = {}

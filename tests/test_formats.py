@@ -78,6 +78,16 @@ def _voc(d):
     return root
 
 
+def _voc_imagesets(d):
+    root = d / "VOC"
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    for label in ("car", "cat", "dog"):
+        for split, names in (("train", ["a.png", "b.png", "c.png"]), ("val", ["d.png", "e.png"])):
+            (root / "ImageSets" / "Main" / f"{label}_{split}.txt").write_text("".join(
+                f"{n[:-4]} {'1' if label in LABELS[n] else '0' if n == 'c.png' else '-1'}\n" for n in names))
+    return root
+
+
 WRITERS = {
     "tags_csv": lambda d: (_tags_csv(d), {}),
     "tags_csv_pipe_no_finding": lambda d: (_tags_csv(d, "|", no_label="No Finding",
@@ -92,6 +102,7 @@ WRITERS = {
     "jsonl_azure": lambda d: (_jsonl(d, "azure"), {}),
     "coco": lambda d: (_coco(d), {}),
     "voc": lambda d: (_voc(d), {}),
+    "voc_imagesets": lambda d: (_voc_imagesets(d), {}),  # c.png marked difficult (0): ignored
 }
 
 
@@ -186,3 +197,20 @@ def test_malformed_json_lines_and_coco_categories(tmp_path, images):
     with pytest.raises(IngestError, match="not a COCO instances file"):
         (tmp_path / "bad.json").write_text('{"images": []}')
         ingest(IngestParams(annotations=str(tmp_path / "bad.json"), images=str(images)), tmp_path / "p3")
+
+
+def test_images_on_s3(tmp_path, images, s3_bucket):
+    import boto3
+
+    s3 = boto3.client("s3")
+    for f in images.iterdir():
+        s3.upload_file(str(f), s3_bucket, f"photos/{f.name}")
+    _, local, _, _ = _load(tmp_path / "local", images, "tags_csv")
+    ann = _tags_csv(tmp_path)
+    with ann.open("a") as f:
+        f.write("gone.png,cat\n")
+    p = IngestParams(annotations=str(ann), images=f"s3://{s3_bucket}/photos", image_size=8)
+    result = ingest(p, tmp_path / "p", tmp_path / "r")
+    remote = pd.read_parquet(tmp_path / "p" / "manifest.parquet")
+    assert remote["sha256"].tolist() == local["sha256"].tolist() and result.rejected == 1
+    assert f"image not found: s3://{s3_bucket}/photos/gone.png" in _issues(tmp_path)["gone.png"]

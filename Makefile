@@ -8,6 +8,8 @@ BIN    := $(abspath $(VENV))/bin
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# Prefect's temporary API server migrates a fresh database on first start; allow it time.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PATH := $(BIN):$(PATH)
 
 .PHONY: setup demo test clean

@@ -52,6 +52,7 @@ class IngestParams(_Section):
     test_fraction: float = Field(0.2, ge=0, lt=1)
     shard_size: int = Field(4096, ge=1)
     workers: int = Field(0, ge=0)
+    cache: str | None = None  # folder of decoded images by content hash (params.yaml: data/ingest_cache)
 
     @model_validator(mode="after")
     def _splits_fit(self):

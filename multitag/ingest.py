@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from multitag.config import IngestParams
 from multitag.formats import IngestError, Record, read_records
-from multitag.images import RecordError, decode, read_bytes, read_s3, resolve_image, sha256
+from multitag.images import DECODE_VERSION, RecordError, decode, read_bytes, read_s3, resolve_image, sha256
 from multitag.progress import progress
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,12 @@ class IngestResult:
     accepted: int
     format: str
     rejected: int
+    from_cache: int
     negatives: int
     splits: dict
     data_version: str
     issues_report: str
+    label_warnings: list
 
 
 def split_for(digest: str, val_fraction: float, test_fraction: float) -> str:
@@ -115,13 +117,31 @@ def _image_bytes(root: str, name: str) -> bytes:
     return read_bytes(path)
 
 
+def _cached_decode(data: bytes, digest: str, size: int, name: str, cache: str | None) -> tuple[np.ndarray, bool]:
+    """(pixels, came from cache): an image already decoded at this size is read back, not decoded."""
+    if cache is None:
+        return decode(data, size, name), False
+    path = Path(cache) / f"v{DECODE_VERSION}-{size}px" / digest[:2] / f"{digest}.npy"
+    if path.exists():
+        return np.load(path), True
+    arr = decode(data, size, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+    return arr, False
+
+
 def _load_record(args):
-    row, name, root, size = args
+    row, name, root, size, cache = args
     try:
         data = _image_bytes(root, name)
-        return row, sha256(data), decode(data, size, name), None
+        digest = sha256(data)
+        arr, hit = _cached_decode(data, digest, size, name, cache)
+        return row, digest, arr, None, hit
     except RecordError as err:
-        return row, None, None, str(err)
+        return row, None, None, str(err), False
 
 
 def _decode_all(jobs: list, workers: int):
@@ -153,13 +173,15 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
         except RecordError as err:
             issues.append((i, record.image, str(err)))
             continue
-        jobs.append((i, record.image, root, p.image_size))
+        jobs.append((i, record.image, root, p.image_size, p.cache))
     names = {i: r.image for i, r in enumerate(records)}
 
     seen: dict[str, int] = {}
     kept: list[dict] = []
     pixels: dict[int, np.ndarray] = {}
-    for row, digest, arr, error in _decode_all(jobs, p.workers):
+    cached = 0
+    for row, digest, arr, error, hit in _decode_all(jobs, p.workers):
+        cached += hit
         if error:
             issues.append((row, names[row], error))
             continue
@@ -196,16 +218,24 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
     manifest.to_parquet(tmp / MANIFEST, index=False)
     _write_atomic_dir(tmp, out_dir)
 
+    spellings: dict[str, set[str]] = {}
+    for tags in manifest["tags"]:
+        for t in tags:
+            spellings.setdefault(t.casefold(), set()).add(t)
+    warnings = [f"labels {sorted(v)} differ only by case: kept apart (labels are case-sensitive)"
+                for v in spellings.values() if len(v) > 1]
+    for w in warnings:
+        log.warning("%s", w)
     version = hashlib.sha256("\n".join(
         f"{d} {' '.join(t)}" for d, t in zip(manifest["sha256"], manifest["tags"])).encode()).hexdigest()
     result = IngestResult(
-        records=len(records), accepted=len(manifest), format=fmt, rejected=len(issues),
+        records=len(records), accepted=len(manifest), format=fmt, rejected=len(issues), from_cache=cached,
         negatives=int((manifest["tags"].map(len) == 0).sum()),
         splits={s: int((manifest["split"] == s).sum()) for s in ("train", "val", "test")},
-        data_version=version[:16], issues_report=str(report))
+        data_version=version[:16], issues_report=str(report), label_warnings=warnings)
     (reports_dir / "ingest.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    log.info("ingested %d of %d records (%d negatives); splits %s", result.accepted, result.records,
-             result.negatives, result.splits)
+    log.info("ingested %d of %d records (%d negatives, %d decodes reused from %s); splits %s", result.accepted,
+             result.records, result.negatives, cached, p.cache, result.splits)
     if issues:
         log.warning("%d record(s) rejected, reasons in %s", len(issues), report)
     return result

@@ -21,5 +21,7 @@ def ingest(workdir: str) -> dict:
     if issues:
         md += (f"\n### Rejected records ({len(issues)}; full list in `{s['issues_report']}`)\n\n"
                "| record | image | reason |\n|---|---|---|\n" + "\n".join(lines) + "\n")
+    if s.get("label_warnings"):
+        md += "\n### Label warnings\n\n" + "\n".join(f"- {w}" for w in s["label_warnings"]) + "\n"
     create_markdown_artifact(key="dataset-summary", markdown=md, description="ingest: images accepted and rejected")
     return {**s, "ran": ran}

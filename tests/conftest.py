@@ -18,7 +18,10 @@ BIN = Path(sys.executable).parent
 os.environ.update({"DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    # Prefect's console handler would log the ephemeral server's shutdown into
                    # pytest's already-closed capture stream.
-                   "PREFECT_LOGGING_LEVEL": "WARNING"})
+                   "PREFECT_LOGGING_LEVEL": "WARNING",
+                   # the ephemeral API server migrates a fresh database first: 20 s (the default
+                   # wait) is not always enough on 2 busy cores
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"})
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MULTITAG_STORE_URI", None)
 

@@ -152,7 +152,8 @@ def test_fixed_vocabulary_rejects_unknown_labels(tmp_path, images):
 
 def test_case_and_space_variants(tmp_path, images):
     p = _csv(tmp_path, ["a.png,  cat   dog ", "b.png,Dog"])
-    ingest(p, tmp_path / "p", tmp_path / "r")
+    result = ingest(p, tmp_path / "p", tmp_path / "r")
+    assert result.label_warnings == ["labels ['Dog', 'dog'] differ only by case: kept apart (labels are case-sensitive)"]
     tags = pd.read_parquet(tmp_path / "p" / "manifest.parquet").set_index("source")["tags"].map(list)
     assert tags["a.png"] == ["cat", "dog"]  # surrounding spaces never make a new label
     assert tags["b.png"] == ["Dog"]  # labels are case-sensitive: 'Dog' and 'dog' are two labels

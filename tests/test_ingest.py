@@ -116,3 +116,20 @@ def test_nothing_usable_is_an_error(tmp_path):
     ann.write_text("image_name,tags\nmissing.png,x\n")
     with pytest.raises(IngestError, match="none of the 1 records is usable"):
         ingest(IngestParams(annotations=str(ann), images=str(tmp_path)), tmp_path / "p", tmp_path / "r")
+
+
+def test_reingest_reuses_decoded_images(messy, tmp_path, monkeypatch):
+    p = messy.model_copy(update={"cache": str(tmp_path / "cache")})
+    first = ingest(p, tmp_path / "p1", tmp_path / "r1")
+    assert first.from_cache == 2  # the two rows repeating an image's content: decoded once
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an already ingested image was decoded again")
+    monkeypatch.setattr("multitag.ingest.decode", no_decoding)
+    bad = tmp_path / "images" / "truncated.png"
+    bad.unlink()  # the failing files are never cached: keep the rest of the run decode-free
+    (tmp_path / "images" / "text.jpg").unlink()
+    second = ingest(p, tmp_path / "p2", tmp_path / "r2")
+    assert second.from_cache == first.accepted + 2  # + the duplicate copies, same content
+    for a, b in zip(sorted((tmp_path / "p1" / "shards").glob("*.npy")), sorted((tmp_path / "p2" / "shards").glob("*.npy"))):
+        np.testing.assert_array_equal(np.load(a), np.load(b))

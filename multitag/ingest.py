@@ -185,15 +185,18 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
         if error:
             issues.append((row, names[row], error))
             continue
-        if digest in seen:
-            first = seen[digest]
+        # Same file content, or the same pixels in another file (e.g. re-saved): one image, kept once.
+        pixel_digest = hashlib.sha256(arr.tobytes()).hexdigest()
+        first = seen.get(digest, seen.get(pixel_digest))
+        if first is not None:
+            what = "same image content" if digest in seen else "same pixels in another file"
             same = tags_of[first] == tags_of[row]
-            issues.append((row, names[row], f"duplicate of {records[first].ref} ({names[first]}): same image content, "
+            issues.append((row, names[row], f"duplicate of {records[first].ref} ({names[first]}): {what}, "
                            + ("same labels" if same else
                               f"conflicting labels {list(tags_of[row])} vs {list(tags_of[first])}; "
                               f"kept {records[first].ref}")))
             continue
-        seen[digest] = row
+        seen[digest] = seen[pixel_digest] = row
         pixels[row] = arr
         kept.append({"row": row, "id": digest[:16], "source": names[row], "sha256": digest,
                      "split": split_for(digest, p.val_fraction, p.test_fraction), "tags": list(tags_of[row])})

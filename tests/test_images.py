@@ -56,6 +56,7 @@ CASES = {  # file -> (bytes, reason words if rejected, else None)
     "rgba.png": (_save(_rgb(4).convert("RGBA"), "PNG"), None),
     "rotated.jpg": (_exif_rotated(), None),
     "plain.png": (_save(_rgb(5), "PNG"), None),
+    "plain_resaved.png": (_save(_rgb(5), "PNG", compress_level=9), "same pixels in another file"),
 }
 
 
@@ -74,6 +75,7 @@ def test_every_kind_of_image_file(tmp_path):
     with (tmp_path / "r" / "ingest_issues.csv").open() as f:
         issues = {r["image"]: r["reason"] for r in csv.DictReader(f)}
     rejected = {n: words for n, (_, words) in CASES.items() if words}
+    assert _save(_rgb(5), "PNG") != CASES["plain_resaved.png"][0]  # different bytes, same pixels
     assert set(issues) == set(rejected)
     for name, words in rejected.items():
         assert words in issues[name], (name, issues[name])

@@ -212,8 +212,11 @@ def read_records(p: IngestParams) -> tuple[str, list[Record]]:
     fmt = p.format if p.format != "auto" else detect_format(path)
     if fmt in ("csv", "tags_csv", "multihot_csv"):
         df = _read_csv(path)
-        if fmt == "csv":
-            fmt = "tags_csv" if p.tags_column in df.columns or len(df.columns) < 3 else "multihot_csv"
+        if fmt == "csv":  # multi-hot when there is no tags column and every other column is 0/1
+            others = [c for c in df.columns if c != p.image_column]
+            multihot = (p.tags_column not in df.columns and p.image_column in df.columns and others
+                        and all(set(df[c].str.strip()) <= {"0", "1"} for c in others))
+            fmt = "multihot_csv" if multihot else "tags_csv"
         records = (read_tags_csv if fmt == "tags_csv" else read_multihot_csv)(path, p, df)
     elif fmt == "jsonl":
         records = read_jsonl(path, p)

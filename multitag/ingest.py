@@ -1,7 +1,7 @@
 """Ingest stage: annotations + images -> validated, deduplicated uint8 shards and a manifest.
 
-Bad records never stop the run: each lands in ``reports/ingest_issues.csv`` with its row, image
-and the reason, and the run goes on with the valid ones. Problems with the file as a whole (missing
+Bad records never stop the run: each lands in ``reports/ingest_issues.csv`` with its record
+(e.g. ``line 12``), image and the reason, and the run goes on with the valid ones. Problems with the file as a whole (missing
 file, wrong columns, not UTF-8, no rows) stop the run with a message saying what to fix.
 """
 
@@ -20,15 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from multitag.config import IngestParams
 from multitag.formats import IngestError, Record, read_records
-from multitag.images import DECODE_VERSION, RecordError, decode, read_bytes, read_s3, resolve_image, sha256
+from multitag.images import (DECODE_VERSION, IMAGE_SUFFIXES, RecordError, decode, read_bytes, read_s3,
+                             resolve_image, sha256)
 from multitag.progress import progress
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.parquet"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".tif", ".tiff", ".bmp", ".webp")
 SHARDS = "shards"
 _BAD_TAG = re.compile(r"[\x00-\x1f\x7f,;|]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -113,7 +114,8 @@ def _image_bytes(root: str, name: str) -> bytes:
         return read_s3(f"{root.rstrip('/')}/{name}")
     path = resolve_image(Path(root), name)
     if not path.suffix and not path.exists():  # names without extension (Kaggle Planet: train_1)
-        path = next((c for c in map(path.with_suffix, IMAGE_SUFFIXES) if c.exists()), path)
+        candidates = [path.with_suffix(x) for ext in IMAGE_SUFFIXES for x in (ext, ext.upper())]
+        path = next((c for c in candidates if c.exists()), path)
     return read_bytes(path)
 
 

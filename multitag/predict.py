@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from multitag.images import RecordError, decode, read_bytes
+from multitag.images import IMAGE_SUFFIXES, RecordError, decode, read_bytes
 from multitag.models import load_model_file, predict_scores
 from multitag.registry import Registry
 from multitag.storage import Store
@@ -18,7 +18,6 @@ from multitag.train import select_device
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def _load(model: str, registry: Registry, thresholds_file: str | None, device):

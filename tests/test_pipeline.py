@@ -3,11 +3,12 @@ twice, and prediction with the registered champion. Prefect runs on its ephemera
 
 import csv
 import json
-import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from multitag.config import SampleParams
 from multitag.registry import Registry
@@ -37,8 +38,7 @@ def _user_data_with_bad_records(ws):
     data = ws / "mydata"
     write_sample_data(SampleParams(n_images=40, seed=5), data)
     (data / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    shutil.copy(data / "images" / "img_000000.png", data / "images" / "untagged.png")
-    (data / "images" / "untagged.png").write_bytes((data / "images" / "untagged.png").read_bytes() + b"\0")
+    Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8)).save(data / "images" / "untagged.png")
     with (data / "annotations.csv").open("a", newline="") as f:
         csv.writer(f).writerows([("missing.png", "3 4"), ("corrupt.png", "1"), ("untagged.png", "")])
     return data

@@ -41,9 +41,9 @@ def read_s3(uri: str) -> bytes:
     """Bytes of s3://bucket/key (credentials and endpoint from the standard AWS sources)."""
     import os
 
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
-    from multitag.storage import S3Store
+    from multitag.storage import S3Store, StoreError, StoreUnavailable
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     if not key or ".." in PurePosixPath(key).parts:
@@ -57,7 +57,11 @@ def read_s3(uri: str) -> bytes:
         code = err.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchKey", "404"):
             raise RecordError(f"image not found: {uri}") from None
-        raise  # bucket or access problems concern the whole run, not this record
+        # bucket or access problems concern the whole run, not this record
+        raise StoreError(f"S3 get {uri}: {code}; check the bucket name and the AWS credentials") from None
+    except BotoCoreError as err:
+        raise StoreUnavailable(f"S3 get {uri}: {type(err).__name__}; check AWS_ENDPOINT_URL and that the "
+                               "service is up") from None
     if not data:
         raise RecordError(f"empty (zero-byte) file: {uri}")
     return data

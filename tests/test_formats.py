@@ -2,7 +2,6 @@
 and the ingest-level rules (fixed vocabulary, strict, rejected fraction) hold."""
 
 import csv
-import io
 import json
 
 import numpy as np

@@ -157,16 +157,18 @@ class Registry:
         return self._maybe_promote(record, min_improvement, rescore)
 
     def _write_champion(self, current: tuple[dict, str] | None, record: dict, reason: str,
-                        lineage: list[int]) -> None:
-        """Compare-and-swap the champion alias from ``current``; PreconditionFailed if it moved."""
-        body = json.dumps({**record, "reason": reason, "lineage": lineage,
-                           "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode()
+                        lineage: list[int]) -> dict:
+        """Compare-and-swap the champion alias from ``current``; PreconditionFailed if it moved.
+        Returns the alias record written."""
+        alias = {**record, "reason": reason, "lineage": lineage,
+                 "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         key = f"{self.prefix}/aliases/{CHAMPION}.json"
         if current is None:
-            self.store.put_bytes(key, body, if_none_match=True)
+            self.store.put_bytes(key, json.dumps(alias).encode(), if_none_match=True)
         else:
-            self.store.put_bytes(key, body, if_match=current[1])
+            self.store.put_bytes(key, json.dumps(alias).encode(), if_match=current[1])
         log.info("champion -> v%d (%s)", record["version"], reason)
+        return alias
 
     def _maybe_promote(self, record: dict, min_improvement: float, rescore) -> Registration:
         version = record["version"]
@@ -198,31 +200,33 @@ class Registry:
     def _version_record(self, version: int) -> dict:
         return json.loads(self.store.get_bytes(self.version_key(version, "version.json"))[0])
 
-    def promote(self, version: int, reason: str) -> dict:
-        """Make ``version`` the champion whatever its metrics (a person's decision, with its reason)."""
-        record = self._version_record(self.resolve(version))
+    def _move_champion(self, choose) -> dict:
+        """Move the alias to choose(current) = (version record, reason, lineage), choosing again
+        if another writer moved it meanwhile. Returns the alias record written."""
         while True:
             current = self.alias(CHAMPION)
-            lineage = (current[0].get("lineage", []) if current else []) + [record["version"]]
+            record, reason, lineage = choose(current)
             try:
-                self._write_champion(current, record, f"promoted by hand: {reason}", lineage)
-                return self.alias(CHAMPION)[0]
+                return self._write_champion(current, record, reason, lineage)
             except PreconditionFailed:
                 continue
 
+    def promote(self, version: int, reason: str) -> dict:
+        """Make ``version`` the champion whatever its metrics (a person's decision, with its reason)."""
+        record = self._version_record(self.resolve(version))
+        return self._move_champion(lambda current: (
+            record, f"promoted by hand: {reason}",
+            (current[0].get("lineage", []) if current else []) + [record["version"]]))
+
     def rollback(self, reason: str = "rollback") -> dict:
         """Point the champion back at the one it replaced."""
-        while True:
-            current = self.alias(CHAMPION)
+        def choose(current):
             lineage = current[0].get("lineage", []) if current else []
             if len(lineage) < 2:
                 raise NotFound(f"model {self.name!r}: no earlier champion to roll back to")
-            record = self._version_record(lineage[-2])
-            try:
-                self._write_champion(current, record, f"rolled back from v{lineage[-1]}: {reason}", lineage[:-1])
-                return self.alias(CHAMPION)[0]
-            except PreconditionFailed:
-                continue
+            return (self._version_record(lineage[-2]), f"rolled back from v{lineage[-1]}: {reason}",
+                    lineage[:-1])
+        return self._move_champion(choose)
 
 
 def model_card_markdown(card: dict) -> str:

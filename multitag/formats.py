@@ -19,6 +19,7 @@ File-level problems raise IngestError; record-level problems come back as record
 
 from __future__ import annotations
 
+import io
 import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -58,13 +59,9 @@ def detect_format(path: Path) -> str:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    text = _read_text(path)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True)
-    except FileNotFoundError:
-        raise IngestError(f"annotations file not found: {path} (set ingest.annotations)") from None
-    except UnicodeDecodeError as err:
-        raise IngestError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); "
-                          "re-save the file as UTF-8") from None
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
         raise IngestError(f"{path}: empty file, expected a header row") from None
     except pd.errors.ParserError as err:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,34 +34,26 @@ def resolve_image(root: Path, name: str) -> Path:
     return path
 
 
-_s3_clients: dict = {}
+_s3_stores: dict = {}
 
 
 def read_s3(uri: str) -> bytes:
-    """Bytes of s3://bucket/key (credentials and endpoint from the standard AWS sources)."""
+    """Bytes of s3://bucket/key (credentials and endpoint from the standard AWS sources). A missing
+    key rejects the record; bucket, credential and endpoint problems (StoreError) fail the run."""
     import os
 
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from multitag.storage import S3Store, StoreError, StoreUnavailable
+    from multitag.storage import NotFound, S3Store
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
-    if not key or ".." in PurePosixPath(key).parts:
-        raise RecordError(f"invalid S3 image location {uri!r}")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint not in _s3_clients:  # one client per (worker) process and endpoint
-        _s3_clients[endpoint] = S3Store(f"s3://{bucket}").s3
+    store_id = (os.environ.get("AWS_ENDPOINT_URL"), bucket)
+    if store_id not in _s3_stores:  # one client per (worker) process, endpoint and bucket
+        _s3_stores[store_id] = S3Store(f"s3://{bucket}")
     try:
-        data = _s3_clients[endpoint].get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as err:
-        code = err.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "404"):
-            raise RecordError(f"image not found: {uri}") from None
-        # bucket or access problems concern the whole run, not this record
-        raise StoreError(f"S3 get {uri}: {code}; check the bucket name and the AWS credentials") from None
-    except BotoCoreError as err:
-        raise StoreUnavailable(f"S3 get {uri}: {type(err).__name__}; check AWS_ENDPOINT_URL and that the "
-                               "service is up") from None
+        data, _ = _s3_stores[store_id].get_bytes(key)
+    except ValueError:
+        raise RecordError(f"invalid S3 image location {uri!r}") from None
+    except NotFound:
+        raise RecordError(f"image not found: {uri}") from None
     if not data:
         raise RecordError(f"empty (zero-byte) file: {uri}")
     return data

@@ -1,8 +1,9 @@
 """Ingest stage: annotations + images -> validated, deduplicated uint8 shards and a manifest.
 
 Bad records never stop the run: each lands in ``reports/ingest_issues.csv`` with its record
-(e.g. ``line 12``), image and the reason, and the run goes on with the valid ones. Problems with the file as a whole (missing
-file, wrong columns, not UTF-8, no rows) stop the run with a message saying what to fix.
+(e.g. ``line 12``), image and the reason, and the run goes on with the valid ones. Problems with
+the file as a whole (missing file, wrong columns, not UTF-8, no rows) stop the run with a message
+saying what to fix.
 """
 
 from __future__ import annotations

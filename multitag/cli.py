@@ -38,6 +38,7 @@ def _setup_logging() -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API request otherwise
 
 
 def is_transient(err: BaseException) -> bool:
@@ -89,8 +90,9 @@ def stage(
             from multitag.labels import make_labels
             make_labels()
         elif name is Stage.train:
+            from multitag.register import registered_model
             from multitag.train import train
-            train(p.train)
+            train(p.train, init=registered_model(p, p.train.init_from) if p.train.init_from else None)
         elif name is Stage.evaluate:
             from multitag.evaluate import evaluate
             evaluate(p.evaluate)
@@ -150,7 +152,9 @@ def predict(
 models_app = typer.Typer(no_args_is_help=True, help="List, inspect, promote and roll back registered models.")
 remote_app = typer.Typer(no_args_is_help=True, help="The DVC remote that versioned data and models are pushed to.")
 app.add_typer(models_app, name="models")
+inbox_app = typer.Typer(no_args_is_help=True, help="New batches of annotated images for scheduled retraining.")
 app.add_typer(remote_app, name="remote")
+app.add_typer(inbox_app, name="inbox")
 ParamsOption = Annotated[Path, typer.Option(help="params.yaml naming the store and the registered model")]
 
 
@@ -231,6 +235,141 @@ def remote_setup(url: Annotated[str, typer.Argument(help="s3://bucket/prefix (or
         if proc.returncode != 0:
             _fail(RuntimeError(f"{' '.join(cmd[2:])} failed: {proc.stderr.strip()}"))
     typer.echo(f"DVC remote {name!r} -> {url} (default); `git add .dvc/config` to share it")
+
+
+WorkdirOption = Annotated[Path, typer.Option(help="DVC workspace holding dvc.yaml and params.yaml")]
+
+
+@inbox_app.command("add")
+def inbox_add(
+    folder: Annotated[Path, typer.Argument(help="Folder with images and one annotations file (any supported format)")],
+    annotations: Annotated[Optional[str], typer.Option(help="The annotations file inside FOLDER (default: the only one)")] = None,
+    format: Annotated[Optional[str], typer.Option(help="auto | tags_csv | multihot_csv | jsonl | coco | voc")] = None,
+    image_column: Annotated[Optional[str], typer.Option(help="CSV column of image paths")] = None,
+    tags_column: Annotated[Optional[str], typer.Option(help="CSV column of labels")] = None,
+    delimiter: Annotated[Optional[str], typer.Option(help="Between labels in the tags column")] = None,
+    no_label: Annotated[Optional[str], typer.Option(help='A tag meaning "no labels", e.g. "No Finding"')] = None,
+    images: Annotated[Optional[str], typer.Option(help="Folder inside FOLDER that image paths are relative to")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Batch name (default: UTC time + folder name)")] = None,
+    workdir: WorkdirOption = Path("."),
+):
+    """Validate FOLDER and copy it into the inbox as one batch; its _READY.json marker is written
+    last, so the retrain flow never sees a half-copied batch. CSV options default to params.yaml's."""
+    from multitag.inbox import BatchRejected, Inbox
+
+    _setup_logging()
+    try:
+        p = load_params(workdir / "params.yaml")
+        options = {"annotations": annotations, "format": format, "image_column": image_column,
+                   "tags_column": tags_column, "delimiter": delimiter, "no_label": no_label, "images": images}
+        batch, content = Inbox(p, workdir).add(folder, p.ingest, options, name)
+    except BatchRejected as err:
+        _fail(ValueError(f"{folder}: not added: {err}"))
+    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+        _fail(err)
+    for r in content.rejected:
+        log.warning("%s: %s (%s) will be rejected: %s", folder, r["record"], r["image"], r["reason"])
+    typer.echo(f"batch {batch}: {len(content.images)} image(s) added to {p.retrain.inbox}"
+               + (f", {len(content.rejected)} record(s) will be rejected" if content.rejected else ""))
+
+
+@inbox_app.command("list")
+def inbox_list(workdir: WorkdirOption = Path(".")):
+    """Batches in the inbox: ready (complete) or still arriving."""
+    from multitag.inbox import READY, Inbox
+
+    _setup_logging()
+    try:
+        batches = Inbox(load_params(workdir / "params.yaml"), workdir).batches()
+    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+        _fail(err)
+    for name, keys in sorted(batches.items()):
+        typer.echo(f"{name}  {'ready' if READY in keys else 'arriving'}  {len(keys)} file(s)")
+
+
+@app.command()
+def retrain(workdir: WorkdirOption = Path("."),
+            force: Annotated[bool, typer.Option(help="Train even if fewer than retrain.min_new_images arrived")] = False):
+    """Run the retrain flow once, now: take in inbox batches, retrain if enough arrived."""
+    _setup_logging()
+    try:
+        load_params(workdir / "params.yaml")
+    except ConfigError as err:
+        _fail(err)
+    from flows.retrain import retrain as retrain_flow
+    from tasks.dvc_stage import StageFailed
+
+    try:
+        s = retrain_flow(workdir=str(workdir.resolve()), force=force)
+    except (StageFailed, OSError, RuntimeError, ValueError) as err:
+        _fail(err)
+    typer.echo(f"{s['reason']}; " + (f"v{s['pipeline']['version']} test mAP {s['pipeline']['test_map']:.4f}, "
+                                     f"champion: {'yes' if s['pipeline']['champion'] else 'no'}"
+                                     if s["pipeline"] else "nothing trained"))
+
+
+def _prefect_env(port: int | None = None) -> dict:
+    import os
+
+    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if port is not None:
+        env.setdefault("PREFECT_UI_API_URL", f"http://127.0.0.1:{port}/api")
+    return env
+
+
+@app.command()
+def server(port: Annotated[int, typer.Option(help="Port of the API and UI")] = 4200,
+           host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1"):
+    """Start a Prefect server (API + UI at http://HOST:PORT); set PREFECT_API_URL=http://HOST:PORT/api
+    for `multitag deploy` and `multitag worker`."""
+    import os
+
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    os.execve(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)], _prefect_env(port))
+
+
+@app.command()
+def deploy(workdir: WorkdirOption = Path("."),
+           interval: Annotated[Optional[float], typer.Option(help="Seconds between runs instead of retrain.cron")] = None):
+    """Create (or update) the `retrain` deployment on the Prefect server in PREFECT_API_URL: the
+    schedule from params.yaml on a process work pool, one run at a time."""
+    _setup_logging()
+    from flows.deploy import deploy as deploy_retrain
+
+    try:
+        deployment = deploy_retrain(workdir, interval)
+    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+        _fail(err)
+    p = load_params(workdir / "params.yaml").retrain
+    typer.echo(f"deployment retrain/retrain ({deployment}) on work pool {p.work_pool!r}, "
+               + (f"every {interval:g} s" if interval else f"cron {p.cron!r} {p.timezone}")
+               + f"; start a worker with: multitag worker --workdir {workdir}")
+
+
+@app.command()
+def worker(workdir: WorkdirOption = Path(".")):
+    """Start a Prefect worker on the work pool of params.yaml (retrain.work_pool)."""
+    import os
+
+    try:
+        pool = load_params(workdir / "params.yaml").retrain.work_pool
+    except ConfigError as err:
+        _fail(err)
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    os.execve(prefect, [prefect, "worker", "start", "--pool", pool, "--type", "process"], _prefect_env())
+
+
+@app.command()
+def serve(workdir: WorkdirOption = Path("."),
+          interval: Annotated[Optional[float], typer.Option(help="Seconds between runs instead of retrain.cron")] = None):
+    """Schedule and run the retrain flow in this one process (a single machine, no worker)."""
+    _setup_logging()
+    from flows.deploy import serve as serve_retrain
+
+    try:
+        serve_retrain(workdir, interval)
+    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+        _fail(err)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class AugmentParams(_Section):
 class TrainParams(_Section):
     model: str = "resnet18"
     pretrained: str | None = None
+    init_from: int | None = Field(None, ge=1)  # start from this registered version's weights (fine-tuning)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.003, gt=0)
@@ -116,6 +117,17 @@ class StoreParams(_Section):
     uri: str = "store"
 
 
+class RetrainParams(_Section):
+    inbox: str = "inbox"          # where new batches arrive: a folder (relative to the workspace) or s3://bucket/prefix
+    archive: str = "inbox-archive"    # processed batches are moved here
+    rejected: str = "inbox-rejected"  # unusable batches are moved here, with _report.json saying why
+    raw: str = "data/raw"         # the accumulated raw data (images by content hash + annotations), DVC-tracked
+    min_new_images: int = Field(50, ge=1)  # retrain once this many new or relabelled images are waiting
+    cron: str = "0 3 * * *"       # schedule of the `retrain` deployment
+    timezone: str = "UTC"
+    work_pool: str = "multitag"   # a Prefect process work pool
+
+
 # "register" is a section name here, not BaseModel's ABC method; pydantic warns about the name.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -128,6 +140,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     register: RegisterParams = RegisterParams()
     store: StoreParams = StoreParams()
+    retrain: RetrainParams = RetrainParams()
 
 
 def _describe(err: ValidationError, source: str) -> str:

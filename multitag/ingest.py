@@ -105,7 +105,7 @@ def images_root(p: IngestParams, fmt: str) -> str:
     return str(ann / "JPEGImages" if fmt == "voc" else ann.parent)
 
 
-def _image_bytes(root: str, name: str) -> bytes:
+def image_bytes(root: str, name: str) -> bytes:
     """An image's bytes: from S3 when the image folder or the path is s3://..., else from disk."""
     if name.startswith("s3://"):
         return read_s3(name)
@@ -139,7 +139,7 @@ def _cached_decode(data: bytes, digest: str, size: int, name: str, cache: str | 
 def _load_record(args):
     row, name, root, size, cache = args
     try:
-        data = _image_bytes(root, name)
+        data = image_bytes(root, name)
         digest = sha256(data)
         arr, hit = _cached_decode(data, digest, size, name, cache)
         return row, digest, arr, None, hit

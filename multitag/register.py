@@ -75,3 +75,11 @@ def register_model(params: Params, workspace: str | Path = ".") -> dict:
     log.info("%s v%d %s; champion: %s (%s)", registry.name, reg.version,
              "registered" if reg.created else "already registered", reg.champion, reg.reason)
     return out
+
+
+def registered_model(params: Params, version: int, workspace: str | Path = "."):
+    """(model, metadata) of a registered version, checksum verified (for ``train.init_from``)."""
+    registry = Registry(open_store(params.store.uri, workspace), params.register.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        registry.download_model(version, Path(tmp) / "model.pt")
+        return load_model_file(Path(tmp) / "model.pt")

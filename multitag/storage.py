@@ -119,9 +119,21 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def list(self, prefix: str) -> list[str]:
-        """Keys under ``prefix`` (a folder-like prefix ending in '/'), sorted."""
-        base = self._path(prefix.rstrip("/"))
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (absent is fine) and the folders it leaves empty."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for parent in path.parents:
+            if parent == self.root or not parent.is_relative_to(self.root):
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (a folder-like prefix ending in '/'; "" = everything), sorted."""
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
         if not base.is_dir():
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
@@ -166,7 +178,7 @@ class S3Store:
         from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
                                          NoCredentialsError, PartialCredentialsError)
 
-        where = f"S3 {op} s3://{self.bucket}/{self._key(key)}"
+        where = f"S3 {op} {self.url(key) if key.strip('/') else self.uri}"
         try:
             yield
         except ClientError as err:
@@ -227,8 +239,15 @@ class S3Store:
             return False
         return True
 
-    def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix.rstrip("/")) + "/"
+    def delete(self, key: str) -> None:
+        with self._op("delete", key):
+            self.s3.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        if prefix.strip("/"):
+            full = self._key(prefix.rstrip("/")) + "/"
+        else:
+            full = f"{self.prefix}/" if self.prefix else ""
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys = []
         with self._op("list", prefix):

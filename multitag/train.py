@@ -195,9 +195,11 @@ def _write_history(history: list[dict], path: Path) -> None:
 
 def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir: str | Path = "data/labels",
           out_dir: str | Path = "models", reports_dir: str | Path = "reports", image_size: int | None = None,
-          stop_after_epochs: int | None = None) -> TrainResult:
+          stop_after_epochs: int | None = None, init: tuple[nn.Module, dict] | None = None) -> TrainResult:
     """Train and write ``models/model.pt`` (best validation-mAP weights) and the training history.
 
+    ``init``: (model, metadata) of a registered version to fine-tune from (``train.init_from``);
+    it must have the same architecture and label vocabulary.
     ``stop_after_epochs`` ends the run early as if interrupted (used to test resuming)."""
     start = time.time()
     prepared_dir, labels_dir, out_dir, reports_dir = map(Path, (prepared_dir, labels_dir, out_dir, reports_dir))
@@ -211,7 +213,16 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
 
     torch.manual_seed(p.seed)
     gen = torch.Generator().manual_seed(p.seed)
-    model = build_model(p.model, len(vocabulary), image_size, p.pretrained).to(device)
+    model = build_model(p.model, len(vocabulary), image_size, p.pretrained)
+    if init is not None:
+        start_model, meta = init
+        if (meta["arch"], meta["labels"], meta["image_size"]) != (p.model, vocabulary, image_size):
+            raise ValueError(f"train.init_from: version {p.init_from} is a {meta['arch']} at {meta['image_size']} px "
+                             f"with labels {meta['labels']}; this run trains a {p.model} at {image_size} px with "
+                             f"labels {vocabulary} (set train.init_from: null to train from scratch)")
+        model.load_state_dict(start_model.state_dict())
+        log.info("starting from registered version %d", p.init_from)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, p)

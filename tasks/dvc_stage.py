@@ -13,6 +13,7 @@ from prefect import get_run_logger
 
 from multitag.cli import EXIT_TRANSIENT
 from multitag.redact import redact
+from multitag.storage import StoreUnavailable
 
 
 class StageFailed(RuntimeError):
@@ -24,10 +25,11 @@ class TransientStageError(StageFailed):
 
 
 def retry_transient_only(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry a task only when its stage failed on transient I/O."""
+    """Prefect retry_condition_fn: retry a task only when it failed on transient I/O (its stage
+    exited with EX_TEMPFAIL, or the store was unreachable)."""
     try:
         state.result()
-    except TransientStageError:
+    except (TransientStageError, StoreUnavailable):
         return True
     except Exception:
         return False

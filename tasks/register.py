@@ -15,5 +15,9 @@ def register(workdir: str) -> dict:
                   f"- {'new version' if r['created'] else 'weights already registered'}\n"
                   f"- champion: **{'yes' if r['champion'] else 'no'}** "
                   f"(previous champion: {r['previous_champion'] or 'none'})\n"
-                  f"- reason: {r['reason']}\n- test mAP: {r['test_map']:.4f}\n- location: {r['url']}\n"))
+                  f"- reason: {r['reason']}\n- test mAP: {r['test_map']:.4f}\n- location: [{r['url']}]({r['url']})\n"))
+    create_markdown_artifact(
+        key="promotion-decision", description="whether this version became the champion, and why",
+        markdown=(f"## {'Promoted' if r['champion'] else 'Not promoted'}: {r['name']} v{r['version']}\n\n"
+                  f"{r['reason']}\n\nchampion before: {'v' + str(r['previous_champion']) if r['previous_champion'] else 'none'}\n"))
     return {**r, "ran": ran}

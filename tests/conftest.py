@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -120,3 +121,43 @@ def store_uri(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "store")
     return f"s3://{request.getfixturevalue('s3_bucket')}/artifacts"
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server (API + UI), started by `multitag server` on a free loopback port with
+    its own PREFECT_HOME; yields its API URL and stops it afterwards."""
+    port = free_port()
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    log = open(home / "server.log", "w")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(home),
+           # schedule runs promptly (the default loop is 60 s)
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([str(BIN / "multitag"), "server", "--port", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(api + "/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                stop_process_group(proc)
+                raise RuntimeError("prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield api
+    stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 20) -> None:
+    """Stop a process started with start_new_session=True and everything it started."""
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

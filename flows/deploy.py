@@ -1,0 +1,57 @@
+"""The `retrain` deployment: a schedule from params.yaml (retrain.cron, retrain.timezone) on a
+Prefect process work pool, at most one run at a time (later ones wait: collision strategy ENQUEUE).
+`multitag deploy` / `multitag serve` call these; infra/prefect.yaml describes the same deployment
+for `prefect deploy`."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.objects import ConcurrencyLimitConfig
+from prefect.exceptions import ObjectNotFound
+from prefect.schedules import Cron, Interval
+
+from flows.retrain import retrain
+from multitag.config import load_params
+
+PROJECT = Path(__file__).resolve().parents[1]
+DEPLOYMENT = "retrain"
+ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE")
+
+
+def _schedule(workdir: Path, interval: float | None):
+    p = load_params(workdir / "params.yaml").retrain
+    if interval:
+        return Interval(timedelta(seconds=interval)), p
+    return Cron(p.cron, timezone=p.timezone), p
+
+
+def ensure_work_pool(name: str) -> None:
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+
+
+def deploy(workdir: Path, interval: float | None = None) -> str:
+    """Create or update the deployment on the Prefect API in PREFECT_API_URL; returns its id."""
+    workdir = workdir.resolve()
+    schedule, p = _schedule(workdir, interval)
+    ensure_work_pool(p.work_pool)
+    flow = retrain.from_source(source=str(PROJECT), entrypoint="flows/retrain.py:retrain")
+    return str(flow.deploy(name=DEPLOYMENT, work_pool_name=p.work_pool, schedules=[schedule],
+                           concurrency_limit=ONE_AT_A_TIME, parameters={"workdir": str(workdir)},
+                           build=False, push=False, print_next_steps=False, tags=["multitag"],
+                           description=f"Retrain on new inbox batches in {workdir}"))
+
+
+def serve(workdir: Path, interval: float | None = None) -> None:
+    """Run the schedule and its runs in this process (single machine, no worker)."""
+    workdir = workdir.resolve()
+    schedule, _ = _schedule(workdir, interval)
+    retrain.serve(name=DEPLOYMENT, schedules=[schedule], global_limit=ONE_AT_A_TIME, limit=1,
+                  parameters={"workdir": str(workdir)}, tags=["multitag"])

@@ -243,6 +243,7 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             gen.set_state(ckpt["generator"])
+            torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
             best_weights = ckpt["best_weights"]
             state = ckpt["state"]
             resumed = state["epoch"]
@@ -279,6 +280,7 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
             log.info("early stopping: no val mAP gain for %d epochs", p.patience)
         _save_checkpoint(ckpt_path, {"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                                     "torch_rng": torch.get_rng_state(),
                                      "best_weights": best_weights, "state": state})
 
     save_model_file(out_dir / MODEL_FILE, arch=p.model, labels=vocabulary, image_size=image_size,

@@ -53,21 +53,24 @@ def run(cmd, cwd, check=True, env=None, **kw):
     return proc
 
 
-@pytest.fixture
-def workspace(tmp_path):
-    """A fresh git + DVC workspace holding the project's dvc.yaml, a tiny params.yaml and the
-    package sources that dvc.yaml lists as dependencies."""
-    ws = tmp_path / "ws"
-    ws.mkdir()
+def init_workspace(ws: Path, params: dict | None = None) -> Path:
+    """A fresh git + DVC workspace holding the project's dvc.yaml, a params.yaml (tiny by default)
+    and the package sources that dvc.yaml lists as dependencies."""
+    ws.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", ws)
     shutil.copytree(ROOT / "multitag", ws / "multitag", ignore=shutil.ignore_patterns("__pycache__"))
-    (ws / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (ws / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
     run(["git", "init", "-q"], ws)
     run(["git", "config", "user.email", "test@example.com"], ws)
     run(["git", "config", "user.name", "test"], ws)
     run([str(BIN / "dvc"), "init", "-q"], ws)
     run([str(BIN / "dvc"), "config", "core.analytics", "false"], ws)
     return ws
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    return init_workspace(tmp_path / "ws")
 
 
 def free_port() -> int:

@@ -50,18 +50,19 @@ def test_training_learns_and_writes_a_self_describing_model(data, tmp_path):
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
     prepared, labels = data
-    p = _params(model="resnet18", epochs=3, batch_size=16)
+    p = _params(model="compact_cnn", epochs=3, batch_size=16)  # it has dropout: the global RNG must resume too
     torch.set_num_threads(1)  # bitwise-repeatable CPU kernels
     train(p, prepared, labels, tmp_path / "full", tmp_path / "r1")
     cut = train(p, prepared, labels, tmp_path / "cut", tmp_path / "r2", stop_after_epochs=1)
     assert cut.epochs_run == 1 and (tmp_path / "cut" / CHECKPOINT).exists()
     resumed = train(p, prepared, labels, tmp_path / "cut", tmp_path / "r2")
     assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == 3
-    a = torch.load(tmp_path / "full" / MODEL_FILE, weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "cut" / MODEL_FILE, weights_only=True)["state_dict"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for file, entry in ((MODEL_FILE, "state_dict"), (CHECKPOINT, "model")):  # best and last weights
+        a = torch.load(tmp_path / "full" / file, weights_only=True)[entry]
+        b = torch.load(tmp_path / "cut" / file, weights_only=True)[entry]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (file, k)
 
 
 def test_checkpoint_of_other_params_is_not_resumed(data, tmp_path):

@@ -1,0 +1,207 @@
+"""Scheduled retraining on a real Prefect server: `multitag deploy` with a short interval, a real
+`multitag worker`, a batch dropped into the inbox with `multitag inbox add`; then the same run
+looked at in the Prefect UI with headless Chromium. And a retrain killed mid-training, run again."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from multitag.registry import Registry
+from multitag.storage import open_store
+from tests.conftest import BIN, init_workspace, run, stop_process_group, tiny_params
+
+STAGE_KEYS = {"dataset-summary", "label-statistics", "training-curve", "test-metrics", "per-label-metrics",
+              "registry-entry", "promotion-decision", "pipeline-summary"}
+RETRAIN_KEYS = {"inbox-batches", "retrain-summary"}
+
+
+def _api(api: str, path: str, body: dict | None = None):
+    r = httpx.post(api + path, json=body or {}, timeout=30) if body is not None else httpx.get(api + path, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def flow_runs(api: str, **flt) -> list[dict]:
+    return _api(api, "/flow_runs/filter", {"flow_runs": flt, "sort": "EXPECTED_START_TIME_ASC", "limit": 200})
+
+
+def artifact_keys(api: str, run_id: str) -> set[str]:
+    """Keys of the artifacts of a flow run and of its subflow runs."""
+    ids = [run_id] + [r["id"] for r in flow_runs(api, parent_flow_run_id={"any_": [run_id]})]
+    return {a["key"] for a in _api(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": ids}}})
+            if a["key"]}
+
+
+def retrain_workspace(ws: Path, sample: dict | None = None, train: dict | None = None) -> Path:
+    """A git + DVC workspace set up for retraining, with the sample data made (the batch to add)."""
+    init_workspace(ws, tiny_params(retrain={"min_new_images": 10}, sample=sample or {}, train=train or {}))
+    run(["git", "add", "-A"], ws)
+    run(["git", "commit", "-qm", "workspace"], ws)
+    run([str(BIN / "multitag"), "sample-data"], ws)
+    return ws
+
+
+def add_sample_batch(ws: Path, env: dict) -> str:
+    out = run([str(BIN / "multitag"), "inbox", "add", "data/sample", "--annotations", "annotations.csv",
+               "--images", "images", "--name", "batch-1"], ws, env=env)
+    assert "batch batch-1: " in out.stdout and "image(s) added to inbox" in out.stdout
+    return "batch-1"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def scheduled(prefect_server, tmp_path_factory):
+    """Deploy `retrain` every 10 s, start a worker, drop one batch; wait for the run that trained
+    and for a later run that found nothing new."""
+    ws = retrain_workspace(tmp_path_factory.mktemp("sched") / "ws")
+    env = {"PREFECT_API_URL": prefect_server}
+    deployed = run([str(BIN / "multitag"), "deploy", "--workdir", str(ws), "--interval", "10"], ws, env=env)
+    assert "every 10 s" in deployed.stdout
+    deployment = _api(prefect_server, "/deployments/name/retrain/retrain")
+    assert deployment["concurrency_limit"] == 1 or deployment["global_concurrency_limit"]["limit"] == 1
+    batch = add_sample_batch(ws, env)
+    log = open(ws.parent / "worker.log", "w")
+    worker = subprocess.Popen([str(BIN / "multitag"), "worker", "--workdir", str(ws)], cwd=ws, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                                   "PREFECT_WORKER_QUERY_SECONDS": "2", **env})
+    dep = {"deployment_id": {"any_": [deployment["id"]]}}
+
+    def completed():
+        return [r for r in flow_runs(prefect_server, **dep) if r["state_type"] == "COMPLETED"]
+
+    try:
+        def trained_and_one_more():
+            runs = completed()
+            failed = [r for r in flow_runs(prefect_server, **dep) if r["state_type"] in ("FAILED", "CRASHED")]
+            assert not failed, (f"retrain run failed: {failed[0]['state_name']}\n"
+                                + (ws.parent / "worker.log").read_text()[-4000:])
+            return runs if len(runs) >= 2 else None
+        runs = wait_for(trained_and_one_more, 420, "a retrain run that trains, then another one")
+    finally:
+        stop_process_group(worker)
+        run([str(BIN / "prefect"), "deployment", "pause", "retrain/retrain"], ws, env=env, check=False)
+    return {"api": prefect_server, "ws": ws, "batch": batch, "runs": runs}
+
+
+def test_scheduled_run_retrains_registers_archives_and_publishes(scheduled):
+    api, ws, runs = scheduled["api"], scheduled["ws"], scheduled["runs"]
+    first, second = runs[0], runs[1]
+    registry = Registry(open_store("store", ws), "multitag")
+    assert [v["version"] for v in registry.versions()] == [1]
+    assert registry.alias("champion")[0]["version"] == 1
+    # the batch went into the raw data once, was archived, and the inbox is empty
+    ledger = json.loads((ws / "data/raw/batches.json").read_text())
+    assert [e["batch"] for e in ledger] == [scheduled["batch"]] and ledger[0]["added"] == 48
+    assert (ws / "inbox-archive" / scheduled["batch"] / "_report.json").exists()
+    assert not list((ws / "inbox").rglob("*.*"))
+    # what each run published in the UI
+    assert artifact_keys(api, first["id"]) == RETRAIN_KEYS | STAGE_KEYS
+    assert artifact_keys(api, second["id"]) == RETRAIN_KEYS  # nothing new: no training subflow
+    assert first["name"].startswith("retrain-ws-")
+    # the raw data, params and dvc.lock were committed with a message saying what changed
+    msg = run(["git", "log", "-1", "--format=%s"], ws).stdout.strip()
+    assert msg.startswith("retrain: +48 images, ") and msg.endswith("(v1 promoted)")
+    committed = run(["git", "show", "--name-only", "--format=", "HEAD"], ws).stdout.split()
+    assert {"data/raw.dvc", "dvc.lock", "params.yaml"} <= set(committed)
+    assert run(["git", "status", "--porcelain", "--", "dvc.lock", "params.yaml", "data/raw.dvc"], ws).stdout == ""
+    # one at a time: no two runs of the deployment overlapped
+    spans = sorted((r["start_time"], r["end_time"]) for r in runs)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+
+
+def test_prefect_ui_shows_the_run_its_state_and_metrics(scheduled, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    api, first = scheduled["api"], scheduled["runs"][0]
+    summary = [a for a in _api(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first["id"]]},
+                                                                       "key": {"any_": ["retrain-summary"]}}})]
+    test_map = next(line for line in summary[0]["data"].splitlines() if line.startswith("| test mAP"))
+    map_text = test_map.split("|")[2].split()[0]  # e.g. 0.4321
+    ui = api.removesuffix("/api")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui}/runs/flow-run/{first['id']}")
+        page.get_by_text(first["name"]).first.wait_for(timeout=60_000)
+        page.get_by_text("Completed", exact=True).first.wait_for(timeout=30_000)
+        page.get_by_text("Artifacts", exact=True).first.click()
+        card = page.get_by_text("retrain-summary", exact=True).last  # the card (the first is the timeline marker)
+        card.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "retrain-run-artifacts.png"), full_page=True)
+        card.click()
+        page.wait_for_url("**/artifacts/artifact/**", timeout=30_000)
+        page.get_by_text(map_text).first.wait_for(timeout=30_000)  # the test mAP, rendered
+        assert page.get_by_text("decision", exact=True).count() == 1
+        assert page.get_by_text(first["name"]).count() >= 1  # the artifact page names its flow run
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(1000)  # let the page's fade-in finish before the screenshot
+        page.screenshot(path=str(tmp_path / "retrain-run.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "retrain-run.png").stat().st_size > 10_000
+    if os.environ.get("MULTITAG_SCREENSHOT"):  # how the README's screenshot was made
+        shutil.copy(tmp_path / "retrain-run.png", os.environ["MULTITAG_SCREENSHOT"])
+
+
+def _end_state(ws: Path) -> dict:
+    """What a retrain leaves behind, without timestamps: ledger, registry, inbox, archive, git."""
+    ledger = [{k: e[k] for k in ("batch", "added", "duplicates", "rows")}
+              for e in json.loads((ws / "data/raw/batches.json").read_text())]
+    registry = Registry(open_store("store", ws), "multitag")
+    return {"ledger": ledger, "versions": [(v["version"], v["weights_sha256"]) for v in registry.versions()],
+            "champion": registry.alias("champion")[0]["version"],
+            "inbox": sorted(p.name for p in (ws / "inbox").rglob("*") if p.is_file()),
+            "archive": sorted(p.relative_to(ws / "inbox-archive").as_posix()
+                              for p in (ws / "inbox-archive").rglob("*") if p.is_file()),
+            "retrain_commits": run(["git", "log", "--format=%s"], ws).stdout.count("retrain: "),
+            "metrics": json.loads((ws / "reports/metrics.json").read_text())["test"]}
+
+
+def test_retrain_killed_mid_training_then_rerun_ends_as_an_uninterrupted_run(prefect_server, tmp_path):
+    env = {"PREFECT_API_URL": prefect_server}
+    cmd = [str(BIN / "multitag"), "retrain"]
+    # enough epochs that the kill lands mid-training (patience as long: no early stop)
+    sample, train = {"n_images": 160}, {"epochs": 12, "patience": 12}
+    killed = retrain_workspace(tmp_path / "killed", sample, train)
+    add_sample_batch(killed, env)
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(cmd, cwd=killed, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env})
+    checkpoint = killed / "models/checkpoints/last.pt"
+    wait_for(lambda: checkpoint.exists() or proc.poll() is not None, 300, "the first training checkpoint", 0.1)
+    stop_process_group(proc, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "reports/train.json").exists(), "training finished before the kill"
+    assert Registry(open_store("store", killed), "multitag").versions() == []
+
+    rerun = run(cmd, killed, env=env)
+    assert "training from scratch: no champion yet; v1" in rerun.stdout
+    assert json.loads((killed / "reports/train.json").read_text())["resumed_from_epoch"] >= 1
+
+    whole = retrain_workspace(tmp_path / "whole", sample, train)
+    add_sample_batch(whole, env)
+    run(cmd, whole, env=env)
+    assert json.loads((whole / "reports/train.json").read_text())["resumed_from_epoch"] == 0
+    state = _end_state(killed)
+    assert state == _end_state(whole)
+    assert len(state["ledger"]) == 1 and len(state["versions"]) == 1 and state["inbox"] == []
+    assert state["retrain_commits"] == 1

@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test ui chromium clean
 
 setup: $(VENV)/.installed
 
@@ -24,8 +24,19 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/multitag run
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest
+
+# The browser test drives Debian's chromium (headless); install it when missing.
+chromium:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  APT="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get"; \
+	  $$APT install -y -q chromium || { $$APT update -q && $$APT install -y -q chromium; }; }
+
+# The Prefect server with its UI on http://127.0.0.1:4200 (for `multitag deploy` / `multitag worker`).
+ui: setup
+	$(BIN)/multitag server
 
 clean:
 	rm -rf data models reports store predictions.csv

@@ -37,21 +37,21 @@ def ensure_work_pool(name: str) -> None:
             client.create_work_pool(WorkPoolCreate(name=name, type="process"))
 
 
-def deploy(workdir: Path, interval: float | None = None) -> str:
+def deploy(workdir: Path, interval: float | None = None, name: str = DEPLOYMENT) -> str:
     """Create or update the deployment on the Prefect API in PREFECT_API_URL; returns its id."""
     workdir = workdir.resolve()
     schedule, p = _schedule(workdir, interval)
     ensure_work_pool(p.work_pool)
     flow = retrain.from_source(source=str(PROJECT), entrypoint="flows/retrain.py:retrain")
-    return str(flow.deploy(name=DEPLOYMENT, work_pool_name=p.work_pool, schedules=[schedule],
+    return str(flow.deploy(name=name, work_pool_name=p.work_pool, schedules=[schedule],
                            concurrency_limit=ONE_AT_A_TIME, parameters={"workdir": str(workdir)},
-                           build=False, push=False, print_next_steps=False, tags=["multitag"],
+                           build=False, push=False, print_next_steps=False, tags=["multitag"], paused=False,
                            description=f"Retrain on new inbox batches in {workdir}"))
 
 
-def serve(workdir: Path, interval: float | None = None) -> None:
+def serve(workdir: Path, interval: float | None = None, name: str = DEPLOYMENT) -> None:
     """Run the schedule and its runs in this process (single machine, no worker)."""
     workdir = workdir.resolve()
     schedule, _ = _schedule(workdir, interval)
-    retrain.serve(name=DEPLOYMENT, schedules=[schedule], global_limit=ONE_AT_A_TIME, limit=1,
+    retrain.serve(name=name, schedules=[schedule], global_limit=ONE_AT_A_TIME, limit=1, paused=False,
                   parameters={"workdir": str(workdir)}, tags=["multitag"])

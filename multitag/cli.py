@@ -38,7 +38,8 @@ def _setup_logging() -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API request otherwise
+    for noisy in ("httpx", "botocore"):  # a line per Prefect API request, per S3 client otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def is_transient(err: BaseException) -> bool:
@@ -328,20 +329,23 @@ def server(port: Annotated[int, typer.Option(help="Port of the API and UI")] = 4
     os.execve(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)], _prefect_env(port))
 
 
+IntervalOption = Annotated[Optional[float], typer.Option(help="Seconds between runs instead of retrain.cron")]
+DeploymentOption = Annotated[str, typer.Option(help="Deployment name (one per workspace on a shared server)")]
+
+
 @app.command()
-def deploy(workdir: WorkdirOption = Path("."),
-           interval: Annotated[Optional[float], typer.Option(help="Seconds between runs instead of retrain.cron")] = None):
+def deploy(workdir: WorkdirOption = Path("."), interval: IntervalOption = None, name: DeploymentOption = "retrain"):
     """Create (or update) the `retrain` deployment on the Prefect server in PREFECT_API_URL: the
     schedule from params.yaml on a process work pool, one run at a time."""
     _setup_logging()
     from flows.deploy import deploy as deploy_retrain
 
     try:
-        deployment = deploy_retrain(workdir, interval)
+        deployment = deploy_retrain(workdir, interval, name)
     except (ConfigError, ValueError, OSError, RuntimeError) as err:
         _fail(err)
     p = load_params(workdir / "params.yaml").retrain
-    typer.echo(f"deployment retrain/retrain ({deployment}) on work pool {p.work_pool!r}, "
+    typer.echo(f"deployment retrain/{name} ({deployment}) on work pool {p.work_pool!r}, "
                + (f"every {interval:g} s" if interval else f"cron {p.cron!r} {p.timezone}")
                + f"; start a worker with: multitag worker --workdir {workdir}")
 
@@ -360,14 +364,13 @@ def worker(workdir: WorkdirOption = Path(".")):
 
 
 @app.command()
-def serve(workdir: WorkdirOption = Path("."),
-          interval: Annotated[Optional[float], typer.Option(help="Seconds between runs instead of retrain.cron")] = None):
+def serve(workdir: WorkdirOption = Path("."), interval: IntervalOption = None, name: DeploymentOption = "retrain"):
     """Schedule and run the retrain flow in this one process (a single machine, no worker)."""
     _setup_logging()
     from flows.deploy import serve as serve_retrain
 
     try:
-        serve_retrain(workdir, interval)
+        serve_retrain(workdir, interval, name)
     except (ConfigError, ValueError, OSError, RuntimeError) as err:
         _fail(err)
 

@@ -40,9 +40,11 @@ def artifact_keys(api: str, run_id: str) -> set[str]:
             if a["key"]}
 
 
-def retrain_workspace(ws: Path, sample: dict | None = None, train: dict | None = None) -> Path:
-    """A git + DVC workspace set up for retraining, with the sample data made (the batch to add)."""
-    init_workspace(ws, tiny_params(retrain={"min_new_images": 10}, sample=sample or {}, train=train or {}))
+def retrain_workspace(ws: Path, **overrides) -> Path:
+    """A git + DVC workspace set up for retraining (params sections updated by ``overrides``), with
+    the sample data made: the batch to add."""
+    overrides["retrain"] = {"min_new_images": 10, **overrides.get("retrain", {})}
+    init_workspace(ws, tiny_params(**overrides))
     run(["git", "add", "-A"], ws)
     run(["git", "commit", "-qm", "workspace"], ws)
     run([str(BIN / "multitag"), "sample-data"], ws)
@@ -52,7 +54,7 @@ def retrain_workspace(ws: Path, sample: dict | None = None, train: dict | None =
 def add_sample_batch(ws: Path, env: dict) -> str:
     out = run([str(BIN / "multitag"), "inbox", "add", "data/sample", "--annotations", "annotations.csv",
                "--images", "images", "--name", "batch-1"], ws, env=env)
-    assert "batch batch-1: " in out.stdout and "image(s) added to inbox" in out.stdout
+    assert out.stdout.startswith("batch batch-1: ") and "image(s) added to " in out.stdout
     return "batch-1"
 
 
@@ -75,7 +77,8 @@ def scheduled(prefect_server, tmp_path_factory):
     deployed = run([str(BIN / "multitag"), "deploy", "--workdir", str(ws), "--interval", "10"], ws, env=env)
     assert "every 10 s" in deployed.stdout
     deployment = _api(prefect_server, "/deployments/name/retrain/retrain")
-    assert deployment["concurrency_limit"] == 1 or deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     batch = add_sample_batch(ws, env)
     log = open(ws.parent / "worker.log", "w")
     worker = subprocess.Popen([str(BIN / "multitag"), "worker", "--workdir", str(ws)], cwd=ws, stdout=log,
@@ -95,9 +98,13 @@ def scheduled(prefect_server, tmp_path_factory):
                                 + (ws.parent / "worker.log").read_text()[-4000:])
             return runs if len(runs) >= 2 else None
         runs = wait_for(trained_and_one_more, 420, "a retrain run that trains, then another one")
-    finally:
-        stop_process_group(worker)
+    finally:  # no new runs, let the one in flight finish (it holds the concurrency slot), stop the worker
         run([str(BIN / "prefect"), "deployment", "pause", "retrain/retrain"], ws, env=env, check=False)
+        try:
+            wait_for(lambda: not flow_runs(prefect_server, **dep, state={"type": {"any_": ["RUNNING", "PENDING"]}}),
+                     120, "the run in flight to finish")
+        finally:
+            stop_process_group(worker)
     return {"api": prefect_server, "ws": ws, "batch": batch, "runs": runs}
 
 
@@ -181,7 +188,7 @@ def test_retrain_killed_mid_training_then_rerun_ends_as_an_uninterrupted_run(pre
     cmd = [str(BIN / "multitag"), "retrain"]
     # enough epochs that the kill lands mid-training (patience as long: no early stop)
     sample, train = {"n_images": 160}, {"epochs": 12, "patience": 12}
-    killed = retrain_workspace(tmp_path / "killed", sample, train)
+    killed = retrain_workspace(tmp_path / "killed", sample=sample, train=train)
     add_sample_batch(killed, env)
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cmd, cwd=killed, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -197,7 +204,7 @@ def test_retrain_killed_mid_training_then_rerun_ends_as_an_uninterrupted_run(pre
     assert "training from scratch: no champion yet; v1" in rerun.stdout
     assert json.loads((killed / "reports/train.json").read_text())["resumed_from_epoch"] >= 1
 
-    whole = retrain_workspace(tmp_path / "whole", sample, train)
+    whole = retrain_workspace(tmp_path / "whole", sample=sample, train=train)
     add_sample_batch(whole, env)
     run(cmd, whole, env=env)
     assert json.loads((whole / "reports/train.json").read_text())["resumed_from_epoch"] == 0
@@ -205,3 +212,42 @@ def test_retrain_killed_mid_training_then_rerun_ends_as_an_uninterrupted_run(pre
     assert state == _end_state(whole)
     assert len(state["ledger"]) == 1 and len(state["versions"]) == 1 and state["inbox"] == []
     assert state["retrain_commits"] == 1
+
+
+def test_served_retrain_with_inbox_archive_and_registry_on_s3(prefect_server, s3_bucket, tmp_path):
+    """`multitag serve` (schedule and runs in one process) with everything on S3: a good batch is
+    trained on and archived there, a batch with unreadable annotations is rejected with a report."""
+    import boto3
+
+    s3 = f"s3://{s3_bucket}"
+    ws = retrain_workspace(tmp_path / "ws", store={"uri": f"{s3}/store"}, retrain={
+        "inbox": f"{s3}/inbox", "archive": f"{s3}/archive", "rejected": f"{s3}/rejected"})
+    env = {"PREFECT_API_URL": prefect_server}
+    batch = add_sample_batch(ws, env)
+    bucket = boto3.client("s3")
+    bucket.put_object(Bucket=s3_bucket, Key="inbox/garbled/labels.csv", Body=b"\xff\xfe\x00 not text")
+    bucket.put_object(Bucket=s3_bucket, Key="inbox/garbled/_READY.json", Body=b"{}")
+    log = open(tmp_path / "serve.log", "w")
+    served = subprocess.Popen([str(BIN / "multitag"), "serve", "--workdir", str(ws), "--interval", "5",
+                               "--name", "retrain-s3"], cwd=ws,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env})
+    try:
+        def done():
+            runs = [r for r in flow_runs(prefect_server, name={"like_": "retrain-ws-"})
+                    if r["parameters"].get("workdir") == str(ws)]
+            bad = [r for r in runs if r["state_type"] in ("FAILED", "CRASHED")]
+            assert not bad, (tmp_path / "serve.log").read_text()[-4000:]
+            return [r for r in runs if r["state_type"] == "COMPLETED"]
+        [first, *_] = wait_for(done, 300, "a completed served retrain run")
+    finally:
+        stop_process_group(served)
+    assert artifact_keys(prefect_server, first["id"]) == RETRAIN_KEYS | STAGE_KEYS
+    registry = Registry(open_store(f"{s3}/store"), "multitag")
+    assert [v["version"] for v in registry.versions()] == [1]
+    keys = {o["Key"] for o in bucket.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert not [k for k in keys if k.startswith("inbox/")]
+    assert {f"archive/{batch}/_report.json", f"archive/{batch}/annotations.csv",
+            "rejected/garbled/_report.json", "rejected/garbled/labels.csv"} <= keys
+    report = json.loads(bucket.get_object(Bucket=s3_bucket, Key="rejected/garbled/_report.json")["Body"].read())
+    assert report["reason"].startswith("annotations unreadable: labels.csv: not UTF-8 text")

@@ -72,11 +72,33 @@ class LabelsParams(_Section):
     pass
 
 
+# Augmentation presets for train.augment.preset; keys given beside the preset override it.
+AUGMENT_PRESETS = {
+    "none": {"hflip": False, "vflip": False, "random_resized_crop": False, "color_jitter": 0.0, "cutout": 0.0},
+    "digits": {"hflip": False, "vflip": False, "random_resized_crop": True, "crop_scale": (0.75, 1.0),
+               "color_jitter": 0.0, "cutout": 0.0},  # no mirroring: a mirrored digit is another glyph
+    "photos": {"hflip": True, "vflip": False, "random_resized_crop": True, "crop_scale": (0.5, 1.0),
+               "color_jitter": 0.2, "cutout": 0.0},
+    "strong": {"hflip": True, "vflip": False, "random_resized_crop": True, "crop_scale": (0.35, 1.0),
+               "color_jitter": 0.3, "cutout": 0.25},
+}
+
+
 class AugmentParams(_Section):
+    preset: Literal["none", "digits", "photos", "strong"] | None = None
     hflip: bool = False
     vflip: bool = False
     random_resized_crop: bool = True
     crop_scale: tuple[float, float] = (0.75, 1.0)
+    color_jitter: float = Field(0.0, ge=0, le=1)  # brightness, contrast and saturation factors in 1 +- this
+    cutout: float = Field(0.0, ge=0, lt=1)        # side of one zeroed square, as a fraction of the image side
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") in AUGMENT_PRESETS:
+            return {**AUGMENT_PRESETS[data["preset"]], **data}
+        return data
 
     @field_validator("crop_scale")
     @classmethod
@@ -97,15 +119,25 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.05, ge=0)
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     warmup_epochs: float = Field(1, ge=0)
-    pos_weight: bool = False
+    loss: Literal["bce", "focal", "asl"] = "bce"
+    pos_weight: bool = False              # bce and focal: weight positives by negatives/positives per label
+    focal_gamma: float = Field(2.0, ge=0)
+    asl_gamma_pos: float = Field(0.0, ge=0)
+    asl_gamma_neg: float = Field(4.0, ge=0)
+    asl_clip: float = Field(0.05, ge=0, lt=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # 0 = off; EMA weights are validated beside the raw ones
+    freeze_epochs: int = Field(0, ge=0)   # train only the label head for this many epochs (with pretrained)
     patience: int = Field(6, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False                 # torch.compile the model for training
     augment: AugmentParams = AugmentParams()
+    eval_augment: Literal["none", "hflip"] = "none"  # test-time: average over the image and its mirror
 
 
 class EvaluateParams(_Section):
-    threshold_metric: Literal["f1"] = "f1"
+    threshold_metric: Literal["f1", "precision_at_recall"] = "f1"
+    min_recall: float = Field(0.9, gt=0, le=1)  # precision_at_recall: highest precision with recall >= this
 
 
 class RegisterParams(_Section):

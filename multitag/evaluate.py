@@ -81,7 +81,8 @@ def evaluate(p: EvaluateParams, model_path: str | Path = "models/model.pt",
         splits[split] = (y.numpy().astype(np.uint8), predict_scores(model, x, device))
     if len(splits["test"][0]) == 0:
         raise ValueError("the test split is empty: add images or raise ingest.test_fraction")
-    thresholds = tune_thresholds(*splits["val"]) if len(splits["val"][0]) else np.full(len(labels), 0.5)
+    thresholds = (tune_thresholds(*splits["val"], metric=p.threshold_metric, min_recall=p.min_recall)
+                  if len(splits["val"][0]) else np.full(len(labels), 0.5))
 
     metrics = {}
     if len(splits["val"][0]):
@@ -93,7 +94,8 @@ def evaluate(p: EvaluateParams, model_path: str | Path = "models/model.pt",
     (reports_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (reports_dir / "thresholds.json").write_text(json.dumps(
         {"labels": labels, "thresholds": [round(float(t), 6) for t in thresholds],
-         "tuned_on": "val", "metric": p.threshold_metric}, indent=2) + "\n")
+         "tuned_on": "val", "metric": p.threshold_metric,
+         **({"min_recall": p.min_recall} if p.threshold_metric == "precision_at_recall" else {})}, indent=2) + "\n")
     with (reports_dir / "per_label.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["label", "support", "ap", "f1", "threshold"])

@@ -42,18 +42,26 @@ def mean_ap(y: np.ndarray, scores: np.ndarray) -> float:
     return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
 
 
-def tune_thresholds(y: np.ndarray, scores: np.ndarray, default: float = 0.5) -> np.ndarray:
-    """Per-label threshold maximising F1 on (y, scores): halfway between the best cut's score and
-    the next lower one, so it generalises rather than sitting on a validation score. Labels with
-    no positives keep ``default``."""
+def tune_thresholds(y: np.ndarray, scores: np.ndarray, default: float = 0.5, metric: str = "f1",
+                    min_recall: float = 0.9) -> np.ndarray:
+    """Per-label thresholds on (y, scores). ``f1``: the cut maximising F1; ``precision_at_recall``:
+    the cut with the highest precision among those keeping recall >= ``min_recall`` (the highest
+    such threshold on ties). The threshold sits halfway between the chosen cut's score and the next
+    lower one, so it generalises rather than sitting on a validation score. Labels with no positives
+    keep ``default``."""
     out = np.full(y.shape[1], default, dtype=np.float64)
     for j in range(y.shape[1]):
         positives = y[:, j].sum()
         if positives == 0:
             continue
         tp, fp, thr = _ranked(y[:, j], scores[:, j])
-        f1 = 2 * tp / (tp + fp + positives)
-        k = int(np.argmax(f1))
+        if metric == "f1":
+            score = 2 * tp / (tp + fp + positives)
+        elif metric == "precision_at_recall":
+            score = np.where(tp / positives >= min_recall, tp / (tp + fp), -1.0)
+        else:
+            raise ValueError(f"evaluate.threshold_metric: unknown {metric!r}")
+        k = int(np.argmax(score))
         out[j] = (thr[k] + thr[k + 1]) / 2 if k + 1 < len(thr) else thr[k]
     return out
 

@@ -66,11 +66,12 @@ class CompactCNN(nn.Module):
 class MultiLabelNet(nn.Module):
     """Normalisation + backbone producing one logit per label (sigmoid applied by the loss/scorer)."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, tta: str = "none"):
         super().__init__()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.backbone = backbone
+        self.tta = tta  # test-time augmentation of predict_scores (train.eval_augment): none | hflip
 
     def forward(self, x):
         return self.backbone((x - self.mean) / self.std)
@@ -134,6 +135,7 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise ValueError(f"{path}: not a multitag model file")
     model = build_model(meta["arch"], len(meta["labels"]), meta["image_size"])
     model.load_state_dict(meta.pop("state_dict"))
+    model.tta = meta.get("params", {}).get("eval_augment", "none")
     return model.to(device).eval(), meta
 
 
@@ -146,14 +148,17 @@ def to_input(batch_uint8_nhwc: torch.Tensor, device: torch.device) -> torch.Tens
 @torch.no_grad()
 def predict_scores(model: nn.Module, images: np.ndarray | torch.Tensor, device: torch.device,
                    batch_size: int = 256) -> np.ndarray:
-    """Sigmoid probabilities (images, labels) for uint8 NHWC images."""
+    """Sigmoid probabilities (images, labels) for uint8 NHWC images; with ``model.tta == "hflip"``
+    the mean over each image and its mirror."""
     images = torch.as_tensor(images)
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = to_input(images[start:start + batch_size], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x)
-        out.append(torch.sigmoid(logits.float()).cpu())
+            probs = torch.sigmoid(model(x).float())
+            if getattr(model, "tta", "none") == "hflip":
+                probs = (probs + torch.sigmoid(model(x.flip(3)).float())) / 2
+        out.append(probs.cpu())
     n_labels = out[0].shape[1] if out else 0
     return torch.cat(out).numpy() if out else np.zeros((0, n_labels), dtype=np.float32)

@@ -1,9 +1,11 @@
 """Train stage: a multi-label classifier from the uint8 shards and the multi-hot targets.
 
-One sigmoid output per label, BCEWithLogitsLoss (optional pos_weight), AdamW without weight
-decay on norms and biases, one-cycle or warm-up + cosine schedule stepped per batch, batch-level
-augmentation on tensors, early stopping on validation mAP. CUDA with bf16/fp16 autocast when
-present, CPU otherwise. A checkpoint is written atomically after every epoch; a run started again
+One sigmoid output per label; BCE (optional pos_weight), focal or asymmetric loss; AdamW without
+weight decay on norms and biases; one-cycle or warm-up + cosine schedule stepped per batch;
+augmentation on whole batches as tensors (affine crop/flips, colour jitter, cutout); an optional
+EMA of the weights, validated beside the raw weights (the better one is kept); optional frozen
+backbone for the first epochs; early stopping on validation mAP. CUDA with bf16/fp16 autocast and
+channels-last when present, CPU otherwise; optional torch.compile. A checkpoint is written atomically after every epoch; a run started again
 with the same params and data resumes from it.
 """
 
@@ -31,6 +33,7 @@ from tqdm import tqdm
 from multitag.config import AugmentParams, TrainParams
 from multitag.ingest import MANIFEST, SHARDS
 from multitag.labels import TARGETS, VOCABULARY
+from multitag.losses import ModelEma, make_loss
 from multitag.metrics import mean_ap
 from multitag.models import build_model, predict_scores, save_model_file, to_input
 
@@ -77,28 +80,44 @@ def load_split(prepared_dir: str | Path, labels_dir: str | Path | None, split: s
 
 
 def augment(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.Tensor:
-    """Random resized crop and flips for a whole batch as one affine resampling (cheap on tensors)."""
+    """Augment a whole batch (float NCHW in [0, 1]) at once: random resized crop and flips as one
+    affine resampling, then colour jitter and cutout, each image with its own random draw."""
     n = x.shape[0]
-    theta = torch.zeros(n, 2, 3)
-    sx = sy = torch.ones(n)
-    tx = ty = torch.zeros(n)
-    if aug.random_resized_crop:
-        lo, hi = aug.crop_scale
-        area = lo + (hi - lo) * torch.rand(n, generator=gen)
-        ratio = torch.exp((torch.rand(n, generator=gen) - 0.5) * 2 * math.log(4 / 3))
-        sx = torch.sqrt(area * ratio).clamp(max=1.0)
-        sy = torch.sqrt(area / ratio).clamp(max=1.0)
-        tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx)
-        ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
-    if aug.hflip:
-        sx = sx * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    if aug.vflip:
-        sy = sy * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    if not (aug.random_resized_crop or aug.hflip or aug.vflip):
-        return x
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+    if aug.random_resized_crop or aug.hflip or aug.vflip:
+        theta = torch.zeros(n, 2, 3)
+        sx = sy = torch.ones(n)
+        tx = ty = torch.zeros(n)
+        if aug.random_resized_crop:
+            lo, hi = aug.crop_scale
+            area = lo + (hi - lo) * torch.rand(n, generator=gen)
+            ratio = torch.exp((torch.rand(n, generator=gen) - 0.5) * 2 * math.log(4 / 3))
+            sx = torch.sqrt(area * ratio).clamp(max=1.0)
+            sy = torch.sqrt(area / ratio).clamp(max=1.0)
+            tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx)
+            ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
+        if aug.hflip:
+            sx = sx * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+        if aug.vflip:
+            sy = sy * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+        grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+    if aug.color_jitter:
+        f = (1 + (torch.rand(n, 3, generator=gen) * 2 - 1) * aug.color_jitter).to(x.device, x.dtype)
+        brightness, contrast, saturation = (f[:, i].view(n, 1, 1, 1) for i in range(3))
+        x = x * brightness
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * contrast + mean
+        grey = x.mean(dim=1, keepdim=True)
+        x = ((x - grey) * saturation + grey).clamp(0, 1)
+    if aug.cutout:
+        h, w = x.shape[2:]
+        half = max(1, round(aug.cutout * min(h, w))) / 2
+        cy, cx = (torch.rand(n, generator=gen) * h).view(n, 1, 1), (torch.rand(n, generator=gen) * w).view(n, 1, 1)
+        ys, xs = torch.arange(h).view(1, h, 1) + 0.5, torch.arange(w).view(1, 1, w) + 0.5
+        hole = ((ys - cy).abs() < half) & ((xs - cx).abs() < half)
+        x = x.masked_fill(hole.unsqueeze(1).to(x.device), 0.5)
+    return x
 
 
 def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
@@ -124,12 +143,6 @@ def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def pos_weight_for(y: torch.Tensor) -> torch.Tensor:
-    """negatives/positives per label, capped so a nearly absent label cannot dominate the loss."""
-    pos = y.sum(0)
-    return ((len(y) - pos) / pos.clamp(min=1)).clamp(1.0, 100.0)
-
-
 def _amp(device: torch.device):
     if device.type != "cuda":
         return None, None
@@ -139,8 +152,10 @@ def _amp(device: torch.device):
 
 
 def train_one_epoch(model, images, targets, opt, sched, loss_fn, p: TrainParams, device, gen, scaler,
-                    amp_dtype, epoch: int) -> float:
-    """One pass over the shuffled training split; returns the mean loss."""
+                    amp_dtype, epoch: int, forward=None, ema: ModelEma | None = None) -> float:
+    """One pass over the shuffled training split; returns the mean loss. ``forward`` is the model
+    itself or its torch.compile'd wrapper."""
+    forward = forward or model
     model.train()
     order = torch.randperm(len(images), generator=gen)
     steps = len(order) // p.batch_size or 1  # drop the ragged last batch (BatchNorm needs >1 image)
@@ -152,7 +167,7 @@ def train_one_epoch(model, images, targets, opt, sched, loss_fn, p: TrainParams,
         x = augment(to_input(images[idx], device), p.augment, gen)
         y = targets[idx].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = loss_fn(model(x).float(), y)
+            loss = loss_fn(forward(x).float(), y)
         opt.zero_grad(set_to_none=True)
         if scaler:
             scaler.scale(loss).backward()
@@ -162,9 +177,24 @@ def train_one_epoch(model, images, targets, opt, sched, loss_fn, p: TrainParams,
             loss.backward()
             opt.step()
         sched.step()
+        if ema is not None:
+            ema.update(model)
         total += loss.item()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return total / steps
+
+
+def _val_map(model: nn.Module, x_val, y_val, device) -> float:
+    return mean_ap(y_val.numpy(), predict_scores(model, x_val, device)) if len(x_val) else float("nan")
+
+
+def head_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """The label head's parameters: those of the model's last Linear layer (torchvision's fc,
+    classifier[-1] or heads.head; the classifier of the local models)."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError("train.freeze_epochs: the model has no Linear label head to train alone")
+    return list(linear[-1].parameters())
 
 
 def fingerprint(p: TrainParams, prepared_dir: Path, labels_dir: Path) -> str:
@@ -188,7 +218,8 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def _write_history(history: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "val_map", "lr", "seconds"])
+        w = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "val_map", "val_map_raw", "val_map_ema", "kept",
+                                          "lr", "seconds"])
         w.writeheader()
         w.writerows(history)
 
@@ -214,6 +245,7 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
     torch.manual_seed(p.seed)
     gen = torch.Generator().manual_seed(p.seed)
     model = build_model(p.model, len(vocabulary), image_size, p.pretrained)
+    model.tta = p.eval_augment
     if init is not None:
         start_model, meta = init
         if (meta["arch"], meta["labels"], meta["image_size"]) != (p.model, vocabulary, image_size):
@@ -228,8 +260,12 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
     opt = make_optimizer(model, p)
     steps_per_epoch = len(x_train) // p.batch_size or 1
     sched = make_scheduler(opt, p, steps_per_epoch)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight_for(y_train).to(device) if p.pos_weight else None)
+    loss_fn = make_loss(p, y_train).to(device)
     amp_dtype, scaler = _amp(device)
+    ema = ModelEma(model, p.ema_decay) if p.ema_decay else None
+    ema_model = copy.deepcopy(model) if ema else None  # holds the EMA weights for validation
+    forward = torch.compile(model) if p.compile else model
+    head = head_parameters(model)
 
     ckpt_path = out_dir / CHECKPOINT
     fp = fingerprint(p, prepared_dir, labels_dir)
@@ -244,6 +280,8 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
             sched.load_state_dict(ckpt["scheduler"])
             gen.set_state(ckpt["generator"])
             torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
+            if ema:
+                ema.load_state_dict(ckpt["ema"])
             best_weights = ckpt["best_weights"]
             state = ckpt["state"]
             resumed = state["epoch"]
@@ -259,28 +297,40 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
                                time.time() - start)
         t0 = time.time()
         epoch = state["epoch"] + 1
+        frozen = epoch <= p.freeze_epochs
+        for t in model.parameters():  # a frozen backbone: only the label head learns
+            t.requires_grad_(not frozen or any(t is h for h in head))
         loss = train_one_epoch(model, x_train, y_train, opt, sched, loss_fn, p, device, gen, scaler,
-                               amp_dtype, epoch)
-        val_map = mean_ap(y_val.numpy(), predict_scores(model, x_val, device)) if len(x_val) else float("nan")
+                               amp_dtype, epoch, forward, ema)
+        raw_map = _val_map(model, x_val, y_val, device)
+        ema_map = float("nan")
+        if ema:
+            ema_model.load_state_dict(ema.state)
+            ema_map = _val_map(ema_model, x_val, y_val, device)
+        kept = "ema" if ema and (math.isnan(raw_map) or ema_map >= raw_map) else "raw"
+        val_map = ema_map if kept == "ema" else raw_map
         # No validation signal (no val images or no positives there): keep the latest weights.
         no_signal = math.isnan(val_map)
         improved = not no_signal and (state["best_map"] is None or val_map > state["best_map"])
         if improved or no_signal:
             state.update(best_map=val_map if improved else state["best_map"], best_epoch=epoch, bad_epochs=0)
-            best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            weights = ema.state if kept == "ema" else model.state_dict()
+            best_weights = {k: v.detach().cpu().clone() for k, v in weights.items()}
         else:
             state["bad_epochs"] += 1
             state["stopped"] = state["bad_epochs"] >= p.patience
         state["epoch"] = epoch
         state["history"].append({"epoch": epoch, "train_loss": round(loss, 6), "val_map": round(val_map, 6),
-                                 "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)})
-        log.info("epoch %d/%d  loss %.4f  val mAP %.4f%s  (%.1fs)", epoch, p.epochs, loss, val_map,
+                                 "val_map_raw": round(raw_map, 6), "val_map_ema": round(ema_map, 6) if ema else "",
+                                 "kept": kept, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)})
+        log.info("epoch %d/%d  loss %.4f  val mAP %.4f%s%s%s  (%.1fs)", epoch, p.epochs, loss, raw_map,
+                 f"  EMA {ema_map:.4f}" if ema else "", "  (head only)" if frozen else "",
                  "  *best*" if improved else "", time.time() - t0)
         if state["stopped"]:
             log.info("early stopping: no val mAP gain for %d epochs", p.patience)
         _save_checkpoint(ckpt_path, {"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                                     "torch_rng": torch.get_rng_state(),
+                                     "torch_rng": torch.get_rng_state(), "ema": ema.state_dict() if ema else None,
                                      "best_weights": best_weights, "state": state})
 
     save_model_file(out_dir / MODEL_FILE, arch=p.model, labels=vocabulary, image_size=image_size,

@@ -7,7 +7,8 @@ import torch
 
 from multitag.config import AugmentParams, TrainParams
 from multitag.models import build_model, load_model_file, save_model_file
-from multitag.train import CHECKPOINT, MODEL_FILE, augment, pos_weight_for, train
+from multitag.losses import pos_weight_for
+from multitag.train import CHECKPOINT, MODEL_FILE, augment, train
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_training_learns_and_writes_a_self_describing_model(data, tmp_path):
     assert meta["labels"] == ["a", "b", "c"] and meta["image_size"] == 16 and meta["arch"] == "simple_cnn"
     assert meta["params"]["epochs"] == 4
     history = (tmp_path / "reports" / "train_history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,val_map,lr,seconds" and len(history) == 5
+    assert history[0] == "epoch,train_loss,val_map,val_map_raw,val_map_ema,kept,lr,seconds" and len(history) == 5
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path):

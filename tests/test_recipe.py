@@ -1,0 +1,144 @@
+"""The training recipe's parts against reference computations: losses, EMA, threshold targets,
+augmentation presets, frozen backbone, test-time flip."""
+
+import numpy as np
+import pytest
+import torch
+
+from multitag.config import AugmentParams, TrainParams, parse_params
+from multitag.losses import AsymmetricLoss, FocalLoss, ModelEma, make_loss, pos_weight_for
+from multitag.metrics import tune_thresholds
+from multitag.models import build_model, predict_scores
+from multitag.train import augment, head_parameters, train
+from tests.test_train import _params, data  # noqa: F401  (data is a fixture)
+
+
+def _sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+@pytest.fixture
+def logits_targets():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (16, 5))
+    y = (rng.random((16, 5)) < 0.3).astype(np.float64)
+    return z, y, torch.tensor(z), torch.tensor(y)
+
+
+def test_bce_with_pos_weight_matches_the_formula(logits_targets):
+    z, y, zt, yt = logits_targets
+    w = pos_weight_for(yt).numpy()
+    p = _sigmoid(z)
+    ref = -(w * y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
+    loss = make_loss(TrainParams(loss="bce", pos_weight=True), yt)(zt, yt)
+    assert loss.item() == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_focal_loss_matches_the_formula(logits_targets, gamma):
+    z, y, zt, yt = logits_targets
+    p = _sigmoid(z)
+    p_t = np.where(y == 1, p, 1 - p)
+    ref = (-(1 - p_t) ** gamma * np.log(p_t)).mean()
+    assert FocalLoss(gamma)(zt, yt).item() == pytest.approx(ref, rel=1e-9)
+    if gamma == 0:  # no focusing: plain BCE
+        assert ref == pytest.approx(torch.nn.BCEWithLogitsLoss()(zt, yt).item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("gamma_pos,gamma_neg,clip", [(0.0, 4.0, 0.05), (1.0, 2.0, 0.0)])
+def test_asymmetric_loss_matches_the_formula(logits_targets, gamma_pos, gamma_neg, clip):
+    z, y, zt, yt = logits_targets
+    p = _sigmoid(z)
+    p_m = np.maximum(p - clip, 0)
+    ref = -(y * (1 - p) ** gamma_pos * np.log(np.maximum(p, 1e-8))
+            + (1 - y) * p_m ** gamma_neg * np.log(np.maximum(1 - p_m, 1e-8))).mean()
+    loss = make_loss(TrainParams(loss="asl", asl_gamma_pos=gamma_pos, asl_gamma_neg=gamma_neg, asl_clip=clip), yt)
+    assert isinstance(loss, AsymmetricLoss) and loss(zt, yt).item() == pytest.approx(ref, rel=1e-9)
+    # a negative predicted below the clip costs nothing
+    assert AsymmetricLoss(clip=0.05)(torch.tensor([[-4.0]]), torch.tensor([[0.0]])).item() == 0.0
+
+
+def test_ema_follows_the_decay_formula_and_copies_integer_buffers():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    ema = ModelEma(model, decay=0.9)
+    expected = model[0].weight.detach().clone()
+    for n in range(1, 6):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        model[1].num_batches_tracked += 1
+        ema.update(model)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * model[0].weight.detach()
+    assert torch.allclose(ema.state["0.weight"], expected, atol=1e-6)
+    assert ema.state["1.num_batches_tracked"].item() == 5
+    restored = ModelEma(model, 0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 5 and torch.equal(restored.state["0.weight"], ema.state["0.weight"])
+
+
+def test_threshold_targets():
+    y = np.array([[1], [1], [0], [1], [0], [0], [1], [0]])
+    s = np.array([[0.9], [0.8], [0.7], [0.6], [0.5], [0.4], [0.3], [0.2]])
+    # F1 is best at 0.3 (all four positives, 3 false: F1 8/11) vs 0.6 (3 of 4, 1 false: F1 0.75)
+    assert tune_thresholds(y, s)[0] == pytest.approx(0.55)
+    # recall >= 0.5: the cut at 0.8 already has it with precision 1
+    assert tune_thresholds(y, s, metric="precision_at_recall", min_recall=0.5)[0] == pytest.approx(0.75)
+    # recall 1 needs the cut at 0.3 (precision 4/7)
+    assert tune_thresholds(y, s, metric="precision_at_recall", min_recall=1.0)[0] == pytest.approx(0.25)
+
+
+def test_augment_presets_and_tensor_ops():
+    a = AugmentParams(preset="photos", cutout=0.5)
+    assert (a.hflip, a.crop_scale, a.color_jitter, a.cutout) == (True, (0.5, 1.0), 0.2, 0.5)
+    assert AugmentParams(preset="none").random_resized_crop is False
+    with pytest.raises(Exception, match="train.augment.preset"):
+        parse_params({"train": {"augment": {"preset": "wild"}}})
+    x = torch.rand(8, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    jittered = augment(x, AugmentParams(preset="none", color_jitter=0.4), g)
+    assert jittered.shape == x.shape and 0 <= jittered.min() and jittered.max() <= 1 and not torch.equal(x, jittered)
+    holed = augment(x, AugmentParams(preset="none", cutout=0.25), g)
+    changed = (holed != x).any(dim=1)  # pixels set to grey, a 4x4 square per image
+    assert ((holed == 0.5).all(dim=1) | ~changed).all()
+    assert all(0 < c.sum() <= 16 for c in changed)
+
+
+def test_frozen_backbone_trains_only_the_head(data, tmp_path):  # noqa: F811
+    prepared, labels = data
+    torch.manual_seed(0)
+    before = build_model("simple_cnn", 3, 16).state_dict()
+    train(_params(epochs=1, freeze_epochs=1), prepared, labels, tmp_path / "m", tmp_path / "r")
+    after = torch.load(tmp_path / "m" / "model.pt", weights_only=True)["state_dict"]
+    head = {k for k in after if k.startswith("backbone.classifier.") and k.rsplit(".", 1)[-1] in ("weight", "bias")
+            and after[k].ndim <= 2 and after[k].shape[0] == 3}
+    assert head and all(not torch.equal(before[k], after[k]) for k in head)
+    frozen = [k for k in after if k not in head and after[k].dtype.is_floating_point and "running" not in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert [t.shape for t in head_parameters(build_model("resnet18", 3, 32))] == [(3, 512), (3,)]
+
+
+def test_ema_training_records_both_and_resumes_exactly(data, tmp_path):  # noqa: F811
+    prepared, labels = data
+    p = _params(epochs=3, ema_decay=0.9, loss="asl")
+    torch.set_num_threads(1)
+    train(p, prepared, labels, tmp_path / "full", tmp_path / "r1")
+    train(p, prepared, labels, tmp_path / "cut", tmp_path / "r2", stop_after_epochs=2)
+    train(p, prepared, labels, tmp_path / "cut", tmp_path / "r2")
+    history = (tmp_path / "r1" / "train_history.csv").read_text().splitlines()
+    rows = [dict(zip(history[0].split(","), line.split(","))) for line in history[1:]]
+    assert all(r["val_map_ema"] and r["kept"] in ("raw", "ema") for r in rows)
+    assert all(float(r["val_map"]) == max(float(r["val_map_raw"]), float(r["val_map_ema"])) for r in rows)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_test_time_flip_averages_the_mirror():
+    torch.manual_seed(0)
+    model = build_model("simple_cnn", 2, 8).eval()
+    x = torch.randint(0, 255, (4, 8, 8, 3), dtype=torch.uint8)
+    plain = predict_scores(model, x, torch.device("cpu"))
+    mirrored = predict_scores(model, x.flip(2), torch.device("cpu"))
+    model.tta = "hflip"
+    both = predict_scores(model, x, torch.device("cpu"))
+    assert np.allclose(both, (plain + mirrored) / 2, atol=1e-6)

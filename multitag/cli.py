@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -82,6 +83,7 @@ def stage(
 ):
     """Run one pipeline stage in the current workspace, reading params.yaml."""
     _setup_logging()
+    launched = None
     try:
         p = load_params(params)
         if name is Stage.ingest:
@@ -90,6 +92,11 @@ def stage(
         elif name is Stage.labels:
             from multitag.labels import make_labels
             make_labels()
+        elif name is Stage.train and p.train.devices > 1 and "WORLD_SIZE" not in os.environ:
+            import subprocess  # one process per device, each running this command again
+            launched = subprocess.call([
+                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p.train.devices}",
+                "-m", "multitag.cli", "stage", "train", "--params", str(params)])
         elif name is Stage.train:
             from multitag.register import registered_model
             from multitag.train import train
@@ -102,6 +109,8 @@ def stage(
             register_model(p)
     except (ConfigError, ValueError, LookupError, RuntimeError, OSError) as err:
         _fail(err)
+    if launched:
+        raise typer.Exit(launched)
 
 
 @app.command()
@@ -223,7 +232,6 @@ def remote_setup(url: Annotated[str, typer.Argument(help="s3://bucket/prefix (or
                  workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")):
     """Make URL the default DVC remote (endpoint from AWS_ENDPOINT_URL; credentials stay in the
     environment, never in the config). A pipeline run then pushes its data and models there."""
-    import os
     import subprocess
 
     _setup_logging()
@@ -310,7 +318,6 @@ def retrain(workdir: WorkdirOption = Path("."),
 
 
 def _prefect_env(port: int | None = None) -> dict:
-    import os
 
     env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     if port is not None:
@@ -323,7 +330,6 @@ def server(port: Annotated[int, typer.Option(help="Port of the API and UI")] = 4
            host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1"):
     """Start a Prefect server (API + UI at http://HOST:PORT); set PREFECT_API_URL=http://HOST:PORT/api
     for `multitag deploy` and `multitag worker`."""
-    import os
 
     prefect = str(Path(sys.executable).with_name("prefect"))
     os.execve(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)], _prefect_env(port))
@@ -353,7 +359,6 @@ def deploy(workdir: WorkdirOption = Path("."), interval: IntervalOption = None, 
 @app.command()
 def worker(workdir: WorkdirOption = Path(".")):
     """Start a Prefect worker on the work pool of params.yaml (retrain.work_pool)."""
-    import os
 
     try:
         pool = load_params(workdir / "params.yaml").retrain.work_pool

@@ -130,6 +130,7 @@ class TrainParams(_Section):
     patience: int = Field(6, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: int = Field(1, ge=1)         # > 1: DistributedDataParallel over this many processes (GPUs)
     compile: bool = False                 # torch.compile the model for training
     augment: AugmentParams = AugmentParams()
     eval_augment: Literal["none", "hflip"] = "none"  # test-time: average over the image and its mirror

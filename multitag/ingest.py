@@ -31,6 +31,7 @@ from multitag.progress import progress
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.parquet"
+INPUT_KEY = "input.sha256"  # fingerprint of the inputs of the ingest that wrote the folder
 SHARDS = "shards"
 _BAD_TAG = re.compile(r"[\x00-\x1f\x7f,;|]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -113,11 +114,32 @@ def image_bytes(root: str, name: str) -> bytes:
         if name.startswith("/"):
             raise RecordError(f"absolute path {name!r} refused: image paths must be relative to the image folder")
         return read_s3(f"{root.rstrip('/')}/{name}")
+    return read_bytes(local_image_path(root, name))
+
+
+def local_image_path(root: str, name: str) -> Path:
+    """The file of image ``name`` under the local folder ``root`` (RecordError if it escapes)."""
     path = resolve_image(Path(root), name)
     if not path.suffix and not path.exists():  # names without extension (Kaggle Planet: train_1)
         candidates = [path.with_suffix(x) for ext in IMAGE_SUFFIXES for x in (ext, ext.upper())]
         path = next((c for c in candidates if c.exists()), path)
-    return read_bytes(path)
+    return path
+
+
+def input_key(p: IngestParams, records: list[Record], root: str) -> str | None:
+    """A fingerprint of everything an ingest reads: params, annotations, and each image file's
+    size and modification time (not its bytes). None for images on S3 (no cheap check there)."""
+    if root.startswith("s3://") or any(r.image.startswith("s3://") for r in records):
+        return None
+    h = hashlib.sha256(json.dumps({**p.model_dump(mode="json"), "workers": None}, sort_keys=True).encode())
+    h.update(Path(p.annotations).read_bytes() if Path(p.annotations).is_file() else p.annotations.encode())
+    for r in records:
+        try:
+            st = local_image_path(root, r.image).stat()
+            h.update(f"{r.image}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except (RecordError, OSError):
+            h.update(f"{r.image}\0-\n".encode())
+    return h.hexdigest()
 
 
 def _cached_decode(data: bytes, digest: str, size: int, name: str, cache: str | None) -> tuple[np.ndarray, bool]:
@@ -178,6 +200,14 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
             continue
         jobs.append((i, record.image, root, p.image_size, p.cache))
     names = {i: r.image for i, r in enumerate(records)}
+    key = input_key(p, records, root)
+    summary = reports_dir / "ingest.json"
+    if key is not None and (out_dir / INPUT_KEY).is_file() and (out_dir / INPUT_KEY).read_text() == key \
+            and summary.is_file() and (out_dir / MANIFEST).is_file():
+        result = IngestResult(**json.loads(summary.read_text()))
+        if Path(result.issues_report).is_file():
+            log.info("annotations, images and params unchanged since the last ingest into %s: nothing to do", out_dir)
+            return result
 
     seen: dict[str, int] = {}
     kept: list[dict] = []
@@ -222,6 +252,8 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
         batch = np.stack([pixels[r] for r in order[start:start + p.shard_size]])
         np.save(tmp / SHARDS / f"{shard:05d}.npy", batch)
     manifest.to_parquet(tmp / MANIFEST, index=False)
+    if key is not None:
+        (tmp / INPUT_KEY).write_text(key)
     _write_atomic_dir(tmp, out_dir)
 
     spellings: dict[str, set[str]] = {}
@@ -239,7 +271,7 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
         negatives=int((manifest["tags"].map(len) == 0).sum()),
         splits={s: int((manifest["split"] == s).sum()) for s in ("train", "val", "test")},
         data_version=version[:16], issues_report=str(report), label_warnings=warnings)
-    (reports_dir / "ingest.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    summary.write_text(json.dumps(asdict(result), indent=2) + "\n")
     log.info("ingested %d of %d records (%d negatives, %d decodes reused from %s); splits %s", result.accepted,
              result.records, result.negatives, cached, p.cache, result.splits)
     if issues:

@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from multitag.config import AugmentParams, TrainParams
@@ -157,7 +159,9 @@ def train_one_epoch(model, images, targets, opt, sched, loss_fn, p: TrainParams,
     itself or its torch.compile'd wrapper."""
     forward = forward or model
     model.train()
-    order = torch.randperm(len(images), generator=gen)
+    order = torch.randperm(len(images), generator=gen)  # the same on every rank (same seed) ...
+    if dist.is_initialized():  # ... each takes its own share of it
+        order = order[dist.get_rank()::dist.get_world_size()]
     steps = len(order) // p.batch_size or 1  # drop the ragged last batch (BatchNorm needs >1 image)
     total = 0.0
     bar = tqdm(range(steps), desc=f"epoch {epoch}", unit="batch", leave=False,
@@ -182,6 +186,25 @@ def train_one_epoch(model, images, targets, opt, sched, loss_fn, p: TrainParams,
         total += loss.item()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return total / steps
+
+
+def _init_distributed(device: torch.device) -> torch.device:
+    """Join the process group torch.distributed.run set up: NCCL and one GPU per process on CUDA,
+    gloo on CPU. Returns this process's device."""
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return device
+
+
+def _weights_sha(state: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _val_map(model: nn.Module, x_val, y_val, device) -> float:
@@ -235,6 +258,9 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
     start = time.time()
     prepared_dir, labels_dir, out_dir, reports_dir = map(Path, (prepared_dir, labels_dir, out_dir, reports_dir))
     device = select_device(p.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torch.distributed.run (train.devices > 1)
+        device = _init_distributed(device)
+    lead = not dist.is_initialized() or dist.get_rank() == 0  # writes checkpoints, model and reports
     vocabulary = json.loads((labels_dir / VOCABULARY).read_text())["labels"]
     x_train, y_train, _ = load_split(prepared_dir, labels_dir, "train")
     x_val, y_val, _ = load_split(prepared_dir, labels_dir, "val")
@@ -258,13 +284,20 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, p)
-    steps_per_epoch = len(x_train) // p.batch_size or 1
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    steps_per_epoch = len(x_train) // world // p.batch_size or 1
     sched = make_scheduler(opt, p, steps_per_epoch)
     loss_fn = make_loss(p, y_train).to(device)
     amp_dtype, scaler = _amp(device)
     ema = ModelEma(model, p.ema_decay) if p.ema_decay else None
     ema_model = copy.deepcopy(model) if ema else None  # holds the EMA weights for validation
-    forward = torch.compile(model) if p.compile else model
+    if dist.is_initialized():
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        forward = model
+    forward = torch.compile(forward) if p.compile else forward
     head = head_parameters(model)
 
     ckpt_path = out_dir / CHECKPOINT
@@ -328,16 +361,24 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
                  "  *best*" if improved else "", time.time() - t0)
         if state["stopped"]:
             log.info("early stopping: no val mAP gain for %d epochs", p.patience)
-        _save_checkpoint(ckpt_path, {"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                     "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                                     "torch_rng": torch.get_rng_state(), "ema": ema.state_dict() if ema else None,
-                                     "best_weights": best_weights, "state": state})
+        if lead:
+            _save_checkpoint(ckpt_path, {
+                "fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "ema": ema.state_dict() if ema else None, "best_weights": best_weights, "state": state})
 
+    result = TrainResult(state["epoch"], state["best_epoch"], state["best_map"], resumed, str(device),
+                         round(time.time() - start, 1))
+    if dist.is_initialized():
+        log.info("rank %d/%d: final weights sha256 %s", dist.get_rank(), dist.get_world_size(),
+                 _weights_sha(model.state_dict()))
+        dist.barrier()
+        dist.destroy_process_group()
+    if not lead:
+        return result
     save_model_file(out_dir / MODEL_FILE, arch=p.model, labels=vocabulary, image_size=image_size,
                     state_dict=best_weights, params=p.model_dump(mode="json"),
                     best_epoch=state["best_epoch"], val_map=state["best_map"])
     _write_history(state["history"], reports_dir / "train_history.csv")
-    result = TrainResult(state["epoch"], state["best_epoch"], state["best_map"], resumed, str(device),
-                         round(time.time() - start, 1))
     (reports_dir / "train.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result

@@ -133,3 +133,26 @@ def test_reingest_reuses_decoded_images(messy, tmp_path, monkeypatch):
     assert second.from_cache == first.accepted + 2  # + the duplicate copies, same content
     for a, b in zip(sorted((tmp_path / "p1" / "shards").glob("*.npy")), sorted((tmp_path / "p2" / "shards").glob("*.npy"))):
         np.testing.assert_array_equal(np.load(a), np.load(b))
+
+
+def test_an_unchanged_ingest_does_nothing_and_a_changed_image_is_seen(messy, tmp_path, caplog):
+    import logging
+    import os
+
+    from multitag.ingest import INPUT_KEY, MANIFEST
+
+    out, reports = tmp_path / "prepared", tmp_path / "reports"
+    first = ingest(messy, out, reports)
+    manifest_mtime = (out / MANIFEST).stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="multitag.ingest"):
+        again = ingest(messy, out, reports)
+    assert again == first and "unchanged since the last ingest" in caplog.text
+    assert (out / MANIFEST).stat().st_mtime_ns == manifest_mtime  # nothing rewritten
+
+    ok1 = tmp_path / "images" / "ok1.png"  # new content under the same name (and a newer mtime)
+    ok1.write_bytes(_png(123))
+    os.utime(ok1, ns=(ok1.stat().st_atime_ns, ok1.stat().st_mtime_ns + 10**9))
+    changed = ingest(messy, out, reports)
+    assert changed.data_version != first.data_version and (out / INPUT_KEY).is_file()
+    ingest(messy.model_copy(update={"image_size": 8}), out, reports)  # other params: ingested again
+    assert np.load(out / "shards" / "00000.npy").shape[1:] == (8, 8, 3)

@@ -1,0 +1,104 @@
+"""What Prefect and DVC add: the same tiny pipeline run three ways, side by side.
+
+    .venv/bin/python bench/overhead.py [--images 48] [--epochs 1]
+
+(1) direct: one Python process calling the stage functions (sample, ingest, labels, train,
+    evaluate, register) one after another, as a hand-written script would;
+(2) `dvc repro`: the same stages from dvc.yaml, each in its own `multitag stage` process, with
+    DVC hashing inputs and outputs and writing dvc.lock;
+(3) `multitag run`: the Prefect flow (temporary local API server, one task per stage, each running
+    its stage through DVC, artifacts), i.e. (2) plus Prefect.
+
+Each way runs in its own fresh git + DVC workspace with the same params (params.yaml shrunk to
+--images images and --epochs epochs). Prints wall seconds, then what DVC and Prefect add.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
+       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+
+def direct(workspace: Path) -> None:
+    """The stage functions called in this process, in the workspace."""
+    os.chdir(workspace)
+    from multitag.config import load_params
+    from multitag.evaluate import evaluate
+    from multitag.ingest import ingest
+    from multitag.labels import make_labels
+    from multitag.register import register_model
+    from multitag.sample_data import write_sample_data
+    from multitag.train import train
+
+    p = load_params("params.yaml")
+    write_sample_data(p.sample)
+    ingest(p.ingest)
+    make_labels()
+    train(p.train)
+    evaluate(p.evaluate)
+    register_model(p)
+
+
+def workspace(base: Path, name: str, params: dict) -> Path:
+    ws = base / name
+    ws.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", ws)
+    shutil.copytree(ROOT / "multitag", ws / "multitag", ignore=shutil.ignore_patterns("__pycache__"))
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"],
+                [str(BIN / "dvc"), "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=ws, check=True, env=ENV, capture_output=True)
+    return ws
+
+
+def timed(cmd: list[str], cwd: Path, env: dict) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--direct", type=Path, help=argparse.SUPPRESS)  # internal: run way (1) in this workspace
+    args = ap.parse_args()
+    if args.direct:
+        direct(args.direct)
+        return
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sample"]["n_images"] = args.images
+    params["train"]["epochs"] = args.epochs
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        env = {**ENV, "PREFECT_HOME": str(tmp / "prefect-home")}
+        rows = {
+            "direct": timed([sys.executable, __file__, "--direct", str(workspace(tmp, "direct", params))], ROOT, env),
+            "dvc": timed([str(BIN / "dvc"), "repro"], workspace(tmp, "dvc", params), env),
+            "prefect": timed([str(BIN / "multitag"), "run"], workspace(tmp, "prefect", params), env),
+        }
+    print(f"tiny pipeline: {args.images} sample images, {args.epochs} epoch(s); wall seconds, one run each")
+    for key, label in (("direct", "(1) stage functions called directly"), ("dvc", "(2) dvc repro"),
+                       ("prefect", "(3) multitag run (Prefect flow over DVC)")):
+        print(f"{label:<44}{rows[key]:>8.1f}")
+    print(f"DVC adds {rows['dvc'] - rows['direct']:.1f} s, Prefect adds {rows['prefect'] - rows['dvc']:.1f} s more; "
+          f"ratio flow / direct: {rows['prefect'] / rows['direct']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Training throughput: how much of the model's own speed multitag's data path keeps.
+
+    .venv/bin/python bench/throughput.py [--images 1024] [--source-size 256] [--image-size 64] [--epochs 2]
+
+Same model (params.yaml's train.model), optimizer, loss and batch size in all three rows, on JPEG
+photos of --source-size px (bench/shapes.py) trained at --image-size px:
+
+(a) the model alone: batches sliced from a float tensor already in memory (the ceiling);
+(b) multitag's data path: the uint8 shards written by ingest, read into memory once, each batch
+    converted and augmented on the tensor (params.yaml's augment preset), multitag's training loop;
+(c) a seed-style data path: every image of every batch opened, decoded and resized with PIL in the
+    training process, every epoch.
+
+Prints images/second per row, then b/a and b/c.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from shapes import make_shapes  # bench/shapes.py (this script's folder is on sys.path)
+from multitag.config import load_params
+from multitag.ingest import MANIFEST, ingest
+from multitag.labels import make_labels
+from multitag.losses import make_loss
+from multitag.models import build_model
+from multitag.train import load_split, make_optimizer, make_scheduler, train_one_epoch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup(p, n_labels: int, size: int, steps: int, y):
+    torch.manual_seed(0)
+    model = build_model(p.model, n_labels, size)
+    opt = make_optimizer(model, p)
+    return model, opt, make_scheduler(opt, p, steps), make_loss(p, y)
+
+
+def _step(model, opt, sched, loss_fn, x, y) -> None:
+    model.train()
+    loss = loss_fn(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--source-size", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=2)
+    args = ap.parse_args()
+    params = load_params(ROOT / "params.yaml")
+    device = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ann = make_shapes(tmp / "shapes", args.images, args.source_size)
+        p_ingest = params.ingest.model_copy(update={"annotations": str(ann), "images": str(tmp / "shapes" / "images"),
+                                                    "format": "coco", "image_size": args.image_size, "cache": None,
+                                                    "val_fraction": 0.0, "test_fraction": 0.0})
+        ingest(p_ingest, tmp / "prepared", tmp / "reports")
+        make_labels(tmp / "prepared", tmp / "labels", tmp / "reports")
+        p = params.train.model_copy(update={"epochs": args.epochs, "device": "cpu"})
+        x_u8, y, _ = load_split(tmp / "prepared", tmp / "labels", "train")
+        n, bs = len(x_u8), p.batch_size
+        steps = n // bs
+        batches = [slice(i * bs, (i + 1) * bs) for i in range(steps)]
+        used = steps * bs * args.epochs
+        rows = {}
+
+        # (a) the model alone on float tensors already in memory
+        x_float = x_u8.permute(0, 3, 1, 2).float().div(255).contiguous()
+        model, opt, sched, loss_fn = _setup(p, y.shape[1], args.image_size, steps * args.epochs, y)
+        start = time.perf_counter()
+        for _ in range(args.epochs):
+            for b in batches:
+                _step(model, opt, sched, loss_fn, x_float[b], y[b])
+        rows["a"] = used / (time.perf_counter() - start)
+
+        # (b) multitag's data path and training loop
+        model, opt, sched, loss_fn = _setup(p, y.shape[1], args.image_size, steps * args.epochs, y)
+        gen = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        x_u8, y, _ = load_split(tmp / "prepared", tmp / "labels", "train")  # the shards, read once
+        for epoch in range(args.epochs):
+            train_one_epoch(model, x_u8, y, opt, sched, loss_fn, p, device, gen, None, None, epoch + 1)
+        rows["b"] = used / (time.perf_counter() - start)
+
+        # (c) seed-style: PIL decode + resize of every image of every batch, every epoch
+        sources = pd.read_parquet(tmp / "prepared" / MANIFEST)["source"].tolist()
+        paths = [tmp / "shapes" / "images" / s for s in sources]
+        model, opt, sched, loss_fn = _setup(p, y.shape[1], args.image_size, steps * args.epochs, y)
+        size = args.image_size
+        start = time.perf_counter()
+        for _ in range(args.epochs):
+            for b in batches:
+                arrays = [np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in paths[b]]
+                x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
+                _step(model, opt, sched, loss_fn, x, y[b])
+        rows["c"] = used / (time.perf_counter() - start)
+
+    print(f"{n} JPEG photos {args.source_size}x{args.source_size} -> {args.image_size} px, model {p.model}, "
+          f"batch {bs}, {args.epochs} epochs, augment {p.augment.preset or 'custom'}, "
+          f"{torch.get_num_threads()} CPU threads")
+    print(f"{'row':<58}{'images/s':>10}")
+    for key, label in (("a", "(a) model alone, tensors in memory (ceiling)"),
+                       ("b", "(b) multitag data path (uint8 shards, batch augment)"),
+                       ("c", "(c) seed data path (PIL decode + resize per sample)")):
+        print(f"{label:<58}{rows[key]:>10.0f}")
+    print(f"ratio b/a: {rows['b'] / rows['a']:.3f}   ratio b/c: {rows['b'] / rows['c']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

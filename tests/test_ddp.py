@@ -1,0 +1,30 @@
+"""train.devices > 1: `multitag stage train` relaunches itself through torch.distributed.run, one
+process per device; on CPU the processes talk over gloo. Two processes here."""
+
+import re
+import shutil
+
+import torch
+import yaml
+
+from tests.conftest import BIN, ROOT, run
+from tests.test_train import data  # noqa: F401  (a fixture)
+
+
+def test_two_process_gloo_training_keeps_replicas_in_sync(data, tmp_path):  # noqa: F811
+    prepared, labels = data
+    ws = tmp_path / "ws"
+    (ws / "data").mkdir(parents=True)
+    shutil.copytree(prepared, ws / "data" / "prepared")
+    shutil.copytree(labels, ws / "data" / "labels")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(model="simple_cnn", epochs=2, batch_size=8, device="cpu", devices=2)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run([str(BIN / "multitag"), "stage", "train"], ws, env={"OMP_NUM_THREADS": "1"})
+    log = proc.stdout + proc.stderr
+    shas = dict(re.findall(r"rank (\d)/2: final weights sha256 (\w+)", log))
+    assert set(shas) == {"0", "1"}, log[-3000:]
+    assert shas["0"] == shas["1"]  # DDP averaged the gradients: both replicas hold the same weights
+    assert "epoch 2/2" in log and (ws / "models" / "model.pt").exists()
+    model = torch.load(ws / "models" / "model.pt", weights_only=True)
+    assert model["arch"] == "simple_cnn" and model["params"]["devices"] == 2

@@ -6,12 +6,13 @@ Same model (params.yaml's train.model), optimizer, loss and batch size in all th
 photos of --source-size px (bench/shapes.py) trained at --image-size px:
 
 (a) the model alone: batches sliced from a float tensor already in memory (the ceiling);
-(b) multitag's data path: the uint8 shards written by ingest, read into memory once, each batch
-    converted and augmented on the tensor (params.yaml's augment preset), multitag's training loop;
+(b) multitag's data path: the uint8 shards written by ingest (read into memory once, before the
+    clock starts, as train() does per run), each batch converted and augmented on the tensor
+    (params.yaml's augment preset), multitag's training loop;
 (c) a seed-style data path: every image of every batch opened, decoded and resized with PIL in the
     training process, every epoch.
 
-Prints images/second per row, then b/a and b/c.
+The three take turns epoch by epoch. Prints images/second per row, then b/a and b/c.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ from multitag.train import load_split, make_optimizer, make_scheduler, train_one
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _setup(p, n_labels: int, size: int, steps: int, y):
+def _setup(p, n_labels: int, size: int, steps: int, y, x_warm):
+    """Model, optimizer, schedule and loss, after one untimed warm-up step (first-call costs)."""
     torch.manual_seed(0)
     model = build_model(p.model, n_labels, size)
     opt = make_optimizer(model, p)
-    return model, opt, make_scheduler(opt, p, steps), make_loss(p, y)
+    sched, loss_fn = make_scheduler(opt, p, steps + 1), make_loss(p, y)
+    _step(model, opt, sched, loss_fn, x_warm, y[:len(x_warm)])
+    return model, opt, sched, loss_fn
 
 
 def _step(model, opt, sched, loss_fn, x, y) -> None:
@@ -58,7 +62,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--source-size", type=int, default=256)
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=4)
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
     device = torch.device("cpu")
@@ -76,38 +80,35 @@ def main() -> None:
         steps = n // bs
         batches = [slice(i * bs, (i + 1) * bs) for i in range(steps)]
         used = steps * bs * args.epochs
-        rows = {}
-
-        # (a) the model alone on float tensors already in memory
         x_float = x_u8.permute(0, 3, 1, 2).float().div(255).contiguous()
-        model, opt, sched, loss_fn = _setup(p, y.shape[1], args.image_size, steps * args.epochs, y)
-        start = time.perf_counter()
-        for _ in range(args.epochs):
-            for b in batches:
-                _step(model, opt, sched, loss_fn, x_float[b], y[b])
-        rows["a"] = used / (time.perf_counter() - start)
-
-        # (b) multitag's data path and training loop
-        model, opt, sched, loss_fn = _setup(p, y.shape[1], args.image_size, steps * args.epochs, y)
-        gen = torch.Generator().manual_seed(0)
-        start = time.perf_counter()
-        x_u8, y, _ = load_split(tmp / "prepared", tmp / "labels", "train")  # the shards, read once
-        for epoch in range(args.epochs):
-            train_one_epoch(model, x_u8, y, opt, sched, loss_fn, p, device, gen, None, None, epoch + 1)
-        rows["b"] = used / (time.perf_counter() - start)
-
-        # (c) seed-style: PIL decode + resize of every image of every batch, every epoch
+        warm = x_float[:bs]
         sources = pd.read_parquet(tmp / "prepared" / MANIFEST)["source"].tolist()
         paths = [tmp / "shapes" / "images" / s for s in sources]
-        model, opt, sched, loss_fn = _setup(p, y.shape[1], args.image_size, steps * args.epochs, y)
         size = args.image_size
-        start = time.perf_counter()
-        for _ in range(args.epochs):
-            for b in batches:
+        gen = torch.Generator().manual_seed(0)
+        setups = {key: _setup(p, y.shape[1], size, steps * args.epochs, y, warm) for key in "abc"}
+
+        def epoch_a(model, opt, sched, loss_fn, _):
+            for b in batches:  # (a) the model alone on float tensors already in memory
+                _step(model, opt, sched, loss_fn, x_float[b], y[b])
+
+        def epoch_b(model, opt, sched, loss_fn, epoch):  # (b) multitag's data path and training loop
+            train_one_epoch(model, x_u8, y, opt, sched, loss_fn, p, device, gen, None, None, epoch)
+
+        def epoch_c(model, opt, sched, loss_fn, _):
+            for b in batches:  # (c) PIL decode + resize of every image of every batch, every epoch
                 arrays = [np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in paths[b]]
                 x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
                 _step(model, opt, sched, loss_fn, x, y[b])
-        rows["c"] = used / (time.perf_counter() - start)
+
+        # The rows take turns epoch by epoch, so a slower or busier stretch of the machine hits all three.
+        seconds = dict.fromkeys("abc", 0.0)
+        for epoch in range(1, args.epochs + 1):
+            for key, run_epoch in (("a", epoch_a), ("b", epoch_b), ("c", epoch_c)):
+                start = time.perf_counter()
+                run_epoch(*setups[key], epoch)
+                seconds[key] += time.perf_counter() - start
+        rows = {key: used / t for key, t in seconds.items()}
 
     print(f"{n} JPEG photos {args.source_size}x{args.source_size} -> {args.image_size} px, model {p.model}, "
           f"batch {bs}, {args.epochs} epochs, augment {p.augment.preset or 'custom'}, "

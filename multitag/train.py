@@ -5,8 +5,9 @@ weight decay on norms and biases; one-cycle or warm-up + cosine schedule stepped
 augmentation on whole batches as tensors (affine crop/flips, colour jitter, cutout); an optional
 EMA of the weights, validated beside the raw weights (the better one is kept); optional frozen
 backbone for the first epochs; early stopping on validation mAP. CUDA with bf16/fp16 autocast and
-channels-last when present, CPU otherwise; optional torch.compile. A checkpoint is written atomically after every epoch; a run started again
-with the same params and data resumes from it.
+channels-last when present, CPU otherwise; optional torch.compile; DistributedDataParallel when
+started by torch.distributed.run (train.devices > 1). A checkpoint is written atomically after
+every epoch; a run started again with the same params and data resumes from it.
 """
 
 from __future__ import annotations
@@ -155,9 +156,9 @@ def _amp(device: torch.device):
 
 def train_one_epoch(model, images, targets, opt, sched, loss_fn, p: TrainParams, device, gen, scaler,
                     amp_dtype, epoch: int, forward=None, ema: ModelEma | None = None) -> float:
-    """One pass over the shuffled training split; returns the mean loss. ``forward`` is the model
-    itself or its torch.compile'd wrapper."""
-    forward = forward or model
+    """One pass over the shuffled training split (this rank's share of it under DDP); returns the
+    mean loss. ``forward`` is the model itself or its DDP and/or torch.compile wrapper."""
+    forward = model if forward is None else forward
     model.train()
     order = torch.randperm(len(images), generator=gen)  # the same on every rank (same seed) ...
     if dist.is_initialized():  # ... each takes its own share of it
@@ -168,8 +169,11 @@ def train_one_epoch(model, images, targets, opt, sched, loss_fn, p: TrainParams,
                disable=not sys.stderr.isatty())
     for step in bar:
         idx = order[step * p.batch_size:(step + 1) * p.batch_size]
-        x = augment(to_input(images[idx], device), p.augment, gen)
-        y = targets[idx].to(device, non_blocking=True)
+        xb, yb = images[idx], targets[idx]
+        if device.type == "cuda":  # page-locked batches: the copies to the GPU run asynchronously
+            xb, yb = xb.pin_memory(), yb.pin_memory()
+        x = augment(to_input(xb, device), p.augment, gen)
+        y = yb.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = loss_fn(forward(x).float(), y)
         opt.zero_grad(set_to_none=True)

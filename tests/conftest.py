@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -9,6 +10,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -164,3 +167,25 @@ def stop_process_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: floa
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A tiny learnable dataset: label j is on when channel j's mean is bright."""
+    rng = np.random.default_rng(0)
+    n, size = 96, 16
+    y = (rng.random((n, 3)) < 0.4).astype(np.uint8)
+    x = rng.integers(0, 100, (n, size, size, 3), dtype=np.uint8)
+    x[..., :3] += (y[:, None, None, :] * 120).astype(np.uint8)
+    prepared, labels = tmp_path / "prepared", tmp_path / "labels"
+    (prepared / "shards").mkdir(parents=True)
+    labels.mkdir()
+    split = np.array(["train"] * 64 + ["val"] * 16 + ["test"] * 16)
+    np.save(prepared / "shards" / "00000.npy", x[:50])
+    np.save(prepared / "shards" / "00001.npy", x[50:])
+    pd.DataFrame({"id": [f"{i:04d}" for i in range(n)], "split": split, "sha256": [f"{i:064x}" for i in range(n)],
+                  "shard": [0] * 50 + [1] * 46, "offset": list(range(50)) + list(range(46)),
+                  "tags": [[c for c, on in zip("abc", row) if on] for row in y]}).to_parquet(prepared / "manifest.parquet")
+    np.save(labels / "targets.npy", y)
+    (labels / "vocabulary.json").write_text(json.dumps({"labels": ["a", "b", "c"]}))
+    return prepared, labels

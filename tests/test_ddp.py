@@ -8,10 +8,9 @@ import torch
 import yaml
 
 from tests.conftest import BIN, ROOT, run
-from tests.test_train import data  # noqa: F401  (a fixture)
 
 
-def test_two_process_gloo_training_keeps_replicas_in_sync(data, tmp_path):  # noqa: F811
+def test_two_process_gloo_training_keeps_replicas_in_sync(data, tmp_path):
     prepared, labels = data
     ws = tmp_path / "ws"
     (ws / "data").mkdir(parents=True)

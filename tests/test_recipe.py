@@ -10,7 +10,7 @@ from multitag.losses import AsymmetricLoss, FocalLoss, ModelEma, make_loss, pos_
 from multitag.metrics import tune_thresholds
 from multitag.models import build_model, predict_scores
 from multitag.train import augment, head_parameters, train
-from tests.test_train import _params, data  # noqa: F401  (data is a fixture)
+from tests.test_train import _params
 
 
 def _sigmoid(z):
@@ -103,7 +103,7 @@ def test_augment_presets_and_tensor_ops():
     assert all(0 < c.sum() <= 16 for c in changed)
 
 
-def test_frozen_backbone_trains_only_the_head(data, tmp_path):  # noqa: F811
+def test_frozen_backbone_trains_only_the_head(data, tmp_path):
     prepared, labels = data
     torch.manual_seed(0)
     before = build_model("simple_cnn", 3, 16).state_dict()
@@ -117,7 +117,7 @@ def test_frozen_backbone_trains_only_the_head(data, tmp_path):  # noqa: F811
     assert [t.shape for t in head_parameters(build_model("resnet18", 3, 32))] == [(3, 512), (3,)]
 
 
-def test_ema_training_records_both_and_resumes_exactly(data, tmp_path):  # noqa: F811
+def test_ema_training_records_both_and_resumes_exactly(data, tmp_path):
     prepared, labels = data
     p = _params(epochs=3, ema_decay=0.9, loss="asl")
     torch.set_num_threads(1)
@@ -142,3 +142,12 @@ def test_test_time_flip_averages_the_mirror():
     model.tta = "hflip"
     both = predict_scores(model, x, torch.device("cpu"))
     assert np.allclose(both, (plain + mirrored) / 2, atol=1e-6)
+
+
+def test_compiled_training_saves_a_plain_model(data, tmp_path):
+    from multitag.models import load_model_file
+
+    prepared, labels = data
+    result = train(_params(epochs=1, compile=True), prepared, labels, tmp_path / "m", tmp_path / "r")
+    model, meta = load_model_file(tmp_path / "m" / "model.pt")  # no torch.compile prefixes in the keys
+    assert result.epochs_run == 1 and meta["params"]["compile"] is True

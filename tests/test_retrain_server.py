@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from multitag.registry import Registry
 from multitag.storage import open_store

@@ -1,7 +1,3 @@
-import json
-
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -9,28 +5,6 @@ from multitag.config import AugmentParams, TrainParams
 from multitag.models import build_model, load_model_file, save_model_file
 from multitag.losses import pos_weight_for
 from multitag.train import CHECKPOINT, MODEL_FILE, augment, train
-
-
-@pytest.fixture
-def data(tmp_path):
-    """A tiny learnable dataset: label j is on when channel j's mean is bright."""
-    rng = np.random.default_rng(0)
-    n, size = 96, 16
-    y = (rng.random((n, 3)) < 0.4).astype(np.uint8)
-    x = rng.integers(0, 100, (n, size, size, 3), dtype=np.uint8)
-    x[..., :3] += (y[:, None, None, :] * 120).astype(np.uint8)
-    prepared, labels = tmp_path / "prepared", tmp_path / "labels"
-    (prepared / "shards").mkdir(parents=True)
-    labels.mkdir()
-    split = np.array(["train"] * 64 + ["val"] * 16 + ["test"] * 16)
-    np.save(prepared / "shards" / "00000.npy", x[:50])
-    np.save(prepared / "shards" / "00001.npy", x[50:])
-    pd.DataFrame({"id": [f"{i:04d}" for i in range(n)], "split": split, "sha256": [f"{i:064x}" for i in range(n)],
-                  "shard": [0] * 50 + [1] * 46, "offset": list(range(50)) + list(range(46)),
-                  "tags": [[c for c, on in zip("abc", row) if on] for row in y]}).to_parquet(prepared / "manifest.parquet")
-    np.save(labels / "targets.npy", y)
-    (labels / "vocabulary.json").write_text(json.dumps({"labels": ["a", "b", "c"]}))
-    return prepared, labels
 
 
 def _params(**kw):

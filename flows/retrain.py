@@ -96,10 +96,11 @@ def retrain(workdir: str = ".", force: bool = False) -> dict:
         if decision["train"]:
             update_params(ws / "params.yaml", {"train": {"init_from": decision["init_from"]}})
             result = training_pipeline(workdir=str(ws))
-            save_state(state_file, {**load_state(state_file), "trained": intake["batches"]})
         sha = None
         if intake["applied"] or result is not None:
             sha = commit(str(ws), raw, commit_message(decision, result))
+        if result is not None:  # after the commit: a run stopped before it trains (DVC skips all) and commits again
+            save_state(state_file, {**load_state(state_file), "trained": intake["batches"]})
         summary = {"batches_taken_in": [e["batch"] for e in intake["applied"]],
                    "batches_rejected": [r["batch"] for r in intake["rejected"]],
                    **{k: decision[k] for k in ("new_images", "new_labels", "reason", "init_from", "champion",

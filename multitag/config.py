@@ -130,6 +130,8 @@ class TrainParams(_Section):
     patience: int = Field(6, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(0, ge=0)         # 0: the train split is read into memory once; N: N DataLoader
+                                          # processes read each batch from the shards (larger than memory)
     devices: int = Field(1, ge=1)         # > 1: DistributedDataParallel over this many processes (GPUs)
     compile: bool = False                 # torch.compile the model for training
     augment: AugmentParams = AugmentParams()

@@ -64,11 +64,44 @@ def select_device(preference: str = "auto") -> torch.device:
     return torch.device("cuda")
 
 
-def load_split(prepared_dir: str | Path, labels_dir: str | Path | None, split: str):
-    """(images uint8 NHWC, targets float or None, manifest rows) of one split, read from the shards."""
+class ShardSplit:
+    """One split's images, gathered per batch straight from the memory-mapped uint8 shards (the
+    ``train.workers > 0`` path, for splits larger than memory): ``split[idx]`` is a uint8 NHWC tensor."""
+
+    def __init__(self, prepared_dir: Path, rows: pd.DataFrame):
+        self.dir, self.shard, self.offset = prepared_dir, rows["shard"].to_numpy(), rows["offset"].to_numpy()
+        self._maps: dict[int, np.ndarray] = {}
+        first = self._map(int(self.shard[0])) if len(self.shard) else np.zeros((0, 1, 1, 3), np.uint8)
+        self.shape = (len(self.shard), *first.shape[1:])
+
+    def _map(self, shard: int) -> np.ndarray:
+        if shard not in self._maps:
+            self._maps[shard] = np.load(self.dir / SHARDS / f"{shard:05d}.npy", mmap_mode="r")
+        return self._maps[shard]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = np.asarray(idx)
+        out = np.empty((len(idx), *self.shape[1:]), np.uint8)
+        for shard in np.unique(self.shard[idx]):
+            here = self.shard[idx] == shard
+            out[here] = self._map(int(shard))[self.offset[idx[here]]]
+        return torch.from_numpy(out)
+
+
+def load_split(prepared_dir: str | Path, labels_dir: str | Path | None, split: str, in_memory: bool = True):
+    """(images uint8 NHWC, targets float or None, manifest rows) of one split, read from the shards
+    (``in_memory=False``: a ShardSplit that reads each batch from them when asked)."""
     prepared_dir = Path(prepared_dir)
     manifest = pd.read_parquet(prepared_dir / MANIFEST)
     rows = manifest.index[manifest["split"] == split].to_numpy()
+    targets = None
+    if labels_dir is not None:
+        targets = torch.from_numpy(np.load(Path(labels_dir) / TARGETS)[rows].astype(np.float32))
+    if not in_memory:
+        return ShardSplit(prepared_dir, manifest.loc[rows]), targets, manifest.loc[rows]
     parts = []
     for shard, group in manifest.loc[rows].groupby("shard", sort=True):
         arr = np.load(prepared_dir / SHARDS / f"{shard:05d}.npy", mmap_mode="r")
@@ -76,10 +109,31 @@ def load_split(prepared_dir: str | Path, labels_dir: str | Path | None, split: s
     images = np.concatenate(parts) if parts else np.zeros((0, 1, 1, 3), np.uint8)
     # groupby(sort=True) walks shards in order and rows are sorted within each shard, so
     # ``images`` follows ``rows`` (manifest order); targets are indexed the same way.
-    targets = None
-    if labels_dir is not None:
-        targets = torch.from_numpy(np.load(Path(labels_dir) / TARGETS)[rows].astype(np.float32))
     return torch.from_numpy(images), targets, manifest.loc[rows]
+
+
+class _Chunks(torch.utils.data.Dataset):
+    def __init__(self, images, chunks):
+        self.images, self.chunks = images, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[self.chunks[i]]
+
+
+def _batches(images, chunks: list, workers: int, device: torch.device):
+    """The uint8 images of each chunk of indices: gathered in this process, or by ``workers``
+    DataLoader processes (straight from the shards for a ShardSplit); page-locked on CUDA."""
+    pin = device.type == "cuda"
+    if not workers:
+        for idx in chunks:
+            yield images[idx].pin_memory() if pin else images[idx]
+        return
+    # its own generator: the workers' seeds must not be drawn from the global one (dropout's)
+    yield from torch.utils.data.DataLoader(_Chunks(images, chunks), batch_size=None, num_workers=workers,
+                                           pin_memory=pin, generator=torch.Generator().manual_seed(0))
 
 
 def augment(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.Tensor:
@@ -165,13 +219,14 @@ def train_one_epoch(model, images, targets, opt, sched, loss_fn, p: TrainParams,
         order = order[dist.get_rank()::dist.get_world_size()]
     steps = len(order) // p.batch_size or 1  # drop the ragged last batch (BatchNorm needs >1 image)
     total = 0.0
-    bar = tqdm(range(steps), desc=f"epoch {epoch}", unit="batch", leave=False,
-               disable=not sys.stderr.isatty())
-    for step in bar:
-        idx = order[step * p.batch_size:(step + 1) * p.batch_size]
-        xb, yb = images[idx], targets[idx]
+    chunks = [order[step * p.batch_size:(step + 1) * p.batch_size] for step in range(steps)]
+    # batches first: zip then runs the DataLoader to its end, which shuts its workers down cleanly
+    bar = tqdm(zip(_batches(images, chunks, p.workers, device), chunks), total=steps, desc=f"epoch {epoch}",
+               unit="batch", leave=False, disable=not sys.stderr.isatty())
+    for xb, idx in bar:
+        yb = targets[idx]
         if device.type == "cuda":  # page-locked batches: the copies to the GPU run asynchronously
-            xb, yb = xb.pin_memory(), yb.pin_memory()
+            yb = yb.pin_memory()
         x = augment(to_input(xb, device), p.augment, gen)
         y = yb.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -266,7 +321,7 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
         device = _init_distributed(device)
     lead = not dist.is_initialized() or dist.get_rank() == 0  # writes checkpoints, model and reports
     vocabulary = json.loads((labels_dir / VOCABULARY).read_text())["labels"]
-    x_train, y_train, _ = load_split(prepared_dir, labels_dir, "train")
+    x_train, y_train, _ = load_split(prepared_dir, labels_dir, "train", in_memory=not p.workers)
     x_val, y_val, _ = load_split(prepared_dir, labels_dir, "val")
     if len(x_train) == 0:
         raise ValueError("the train split is empty: add images or lower ingest.val_fraction/test_fraction")

@@ -151,3 +151,24 @@ def test_compiled_training_saves_a_plain_model(data, tmp_path):
     result = train(_params(epochs=1, compile=True), prepared, labels, tmp_path / "m", tmp_path / "r")
     model, meta = load_model_file(tmp_path / "m" / "model.pt")  # no torch.compile prefixes in the keys
     assert result.epochs_run == 1 and meta["params"]["compile"] is True
+
+
+def test_dataloader_workers_reading_the_shards_train_the_same_weights(data, tmp_path):
+    prepared, labels = data
+    torch.set_num_threads(1)
+    for workers in (0, 2):
+        train(_params(epochs=2, workers=workers), prepared, labels, tmp_path / f"w{workers}", tmp_path / "r")
+    a = torch.load(tmp_path / "w0" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "w2" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same batches in the same order, only read differently
+
+
+def test_shard_split_gathers_like_the_in_memory_split(data):
+    from multitag.train import ShardSplit, load_split
+
+    prepared, labels = data
+    memory, y, _ = load_split(prepared, labels, "train")
+    shards, y2, _ = load_split(prepared, labels, "train", in_memory=False)
+    assert isinstance(shards, ShardSplit) and len(shards) == len(memory) and shards.shape == tuple(memory.shape)
+    idx = torch.tensor([63, 0, 49, 50, 7])  # across the two shard files, out of order
+    assert torch.equal(shards[idx], memory[idx]) and torch.equal(y, y2)

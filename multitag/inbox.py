@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from multitag.config import IngestParams, Params
 from multitag.formats import IngestError, read_records
 from multitag.images import IMAGE_SUFFIXES, RecordError, decode, sha256
@@ -102,8 +104,12 @@ def read_batch(folder: Path, options: dict, ingest: IngestParams) -> BatchConten
         value = str(options.get(key) or "")
         if value and (value.startswith("s3://") or not (folder / value).resolve().is_relative_to(folder.resolve())):
             raise BatchRejected(f"option {key}={value!r} leads outside the batch folder")
-    p = IngestParams(**{**ingest.model_dump(), "format": "auto", "images": "",
-                        **{k: v for k, v in options.items() if k in READ_OPTIONS}})
+    try:
+        p = IngestParams(**{**ingest.model_dump(), "format": "auto", "images": "",
+                            **{k: v for k, v in options.items() if k in READ_OPTIONS}})
+    except ValidationError as err:
+        raise BatchRejected(f"invalid reading options in {READY}: "
+                            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
     p = p.model_copy(update={"annotations": str(folder / ann),
                              "images": str(folder / p.images) if p.images else ""})
 
@@ -119,6 +125,8 @@ def read_batch(folder: Path, options: dict, ingest: IngestParams) -> BatchConten
     for r in records:
         try:
             tags = check_tags(r, fmt, p)
+            if r.image.startswith("s3://"):
+                raise RecordError(f"image {r.image!r} is outside the batch: a batch carries its own images")
             data = image_bytes(root, r.image)
             decode(data, 8, r.image)  # a readable image, or RecordError
             content.images.append((r.image, data, tags))

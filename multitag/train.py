@@ -79,6 +79,9 @@ class ShardSplit:
             self._maps[shard] = np.load(self.dir / SHARDS / f"{shard:05d}.npy", mmap_mode="r")
         return self._maps[shard]
 
+    def __getstate__(self) -> dict:  # sent to worker processes: each maps the shards itself
+        return {**self.__dict__, "_maps": {}}
+
     def __len__(self) -> int:
         return self.shape[0]
 
@@ -131,9 +134,12 @@ def _batches(images, chunks: list, workers: int, device: torch.device):
         for idx in chunks:
             yield images[idx].pin_memory() if pin else images[idx]
         return
-    # its own generator: the workers' seeds must not be drawn from the global one (dropout's)
+    # Its own generator: the workers' seeds must not be drawn from the global one (dropout's).
+    # Spawned, not forked: a fork of a process running threads (Prefect's, in-process flows) can
+    # leave the children broken.
     yield from torch.utils.data.DataLoader(_Chunks(images, chunks), batch_size=None, num_workers=workers,
-                                           pin_memory=pin, generator=torch.Generator().manual_seed(0))
+                                           pin_memory=pin, generator=torch.Generator().manual_seed(0),
+                                           multiprocessing_context="spawn")
 
 
 def augment(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.Tensor:

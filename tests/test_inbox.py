@@ -91,6 +91,8 @@ def test_bad_batches_are_rejected_with_a_report_and_others_proceed(params, tmp_p
     inbox.incoming.put_bytes(f"corrupt/{READY}", b"{}")
     inbox.incoming.put_bytes("garbled/labels.csv", b"\xff\xfe not utf-8")
     inbox.incoming.put_bytes(f"garbled/{READY}", b"")
+    inbox.incoming.put_file("badopts/labels.csv", good / "labels.csv")
+    inbox.incoming.put_bytes(f"badopts/{READY}", b'{"delimiter": "||"}')
 
     intake = take_in(params, ws)
     assert [e["batch"] for e in intake["applied"]] == ["good"]
@@ -99,7 +101,8 @@ def test_bad_batches_are_rejected_with_a_report_and_others_proceed(params, tmp_p
     reasons = {r["batch"]: r["reason"] for r in intake["rejected"]}
     assert reasons["corrupt"].startswith("no usable image: all 2 record(s) rejected")
     assert "annotations unreadable" in reasons["garbled"] and "UTF-8" in reasons["garbled"]
-    for name in ("corrupt", "garbled"):
+    assert reasons["badopts"].startswith("invalid reading options in _READY.json: delimiter: ")
+    for name in ("corrupt", "garbled", "badopts"):
         report = json.loads(inbox.rejected.get_bytes(f"{name}/{REPORT}")[0])
         assert report["reason"] == reasons[name]
         assert inbox.rejected.exists(f"{name}/labels.csv")  # nothing is lost

@@ -29,7 +29,6 @@ from torch import nn
 
 from multitag.config import load_params
 from multitag.evaluate import evaluate, score_split
-from multitag.formats import read_records
 from multitag.ingest import MANIFEST, images_root, ingest
 from multitag.labels import TARGETS, make_labels
 from multitag.models import build_model, predict_scores
@@ -99,7 +98,7 @@ def main() -> None:
         p_ingest = params.ingest.model_copy(update=overrides)
 
         start = time.perf_counter()
-        ingest(p_ingest, tmp / "prepared", tmp / "reports")
+        fmt = ingest(p_ingest, tmp / "prepared", tmp / "reports").format
         make_labels(tmp / "prepared", tmp / "labels", tmp / "reports")
         fit = train(params.train, tmp / "prepared", tmp / "labels", tmp / "models", tmp / "reports")
         ours = evaluate(params.evaluate, tmp / "models" / "model.pt", tmp / "prepared", tmp / "labels",
@@ -108,7 +107,6 @@ def main() -> None:
 
         manifest = pd.read_parquet(tmp / "prepared" / MANIFEST)
         y = np.load(tmp / "labels" / TARGETS)
-        fmt, _ = read_records(p_ingest)
         root = Path(images_root(p_ingest, fmt))
         paths = np.array([root / s for s in manifest["source"]], dtype=object)
         tr, te = (manifest["split"] == "train").to_numpy(), (manifest["split"] == "test").to_numpy()

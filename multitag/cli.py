@@ -100,7 +100,7 @@ def stage(
         elif name is Stage.train:
             from multitag.register import registered_model
             from multitag.train import train
-            train(p.train, init=registered_model(p, p.train.init_from) if p.train.init_from else None)
+            train(p.train, init=registered_model(_registry(params), p.train.init_from) if p.train.init_from else None)
         elif name is Stage.evaluate:
             from multitag.evaluate import evaluate
             evaluate(p.evaluate)

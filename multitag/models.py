@@ -6,6 +6,7 @@ pixels stored in shards and decoded at prediction time are all a model needs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -126,6 +127,15 @@ def save_model_file(path: str | Path, *, arch: str, labels: list[str], image_siz
     torch.save({"format": MODEL_FORMAT, "arch": arch, "labels": list(labels), "image_size": image_size,
                 "state_dict": state_dict, **meta}, tmp)
     os.replace(tmp, path)
+
+
+def state_digest(state: dict) -> str:
+    """sha256 over a state dict's names and tensors (independent of how it was saved)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tuple[MultiLabelNet, dict]:

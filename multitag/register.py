@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from multitag.config import Params
 from multitag.ingest import MANIFEST
@@ -41,9 +42,7 @@ def champion_rescorer(registry: Registry, prepared_dir: Path, labels_dir: Path, 
     def rescore(version: int) -> float:
         x, y, _ = load_split(prepared_dir, labels_dir, "test")
         device = select_device("auto")
-        with tempfile.TemporaryDirectory() as tmp:
-            registry.download_model(version, Path(tmp) / "model.pt")
-            model, meta = load_model_file(Path(tmp) / "model.pt", device)
+        model, meta = registered_model(registry, version, device)
         scores = predict_scores(model, x, device)
         common = [j for j, label in enumerate(meta["labels"]) if label in vocabulary]
         cols = [vocabulary.index(meta["labels"][j]) for j in common]
@@ -77,9 +76,9 @@ def register_model(params: Params, workspace: str | Path = ".") -> dict:
     return out
 
 
-def registered_model(params: Params, version: int, workspace: str | Path = "."):
-    """(model, metadata) of a registered version, checksum verified (for ``train.init_from``)."""
-    registry = Registry(open_store(params.store.uri, workspace), params.register.name)
+def registered_model(registry: Registry, version: int, device: torch.device | str = "cpu"):
+    """(model, metadata) of a registered version, its checksum verified (for re-scoring a
+    champion and for ``train.init_from``)."""
     with tempfile.TemporaryDirectory() as tmp:
         registry.download_model(version, Path(tmp) / "model.pt")
-        return load_model_file(Path(tmp) / "model.pt")
+        return load_model_file(Path(tmp) / "model.pt", device)

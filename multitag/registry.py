@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from multitag.models import state_digest
 from multitag.storage import NotFound, PreconditionFailed, Store
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,7 @@ class Registration:
 
 def weights_digest(model_file: str | Path) -> str:
     """sha256 over the tensors of a model file (independent of how torch.save laid out the zip)."""
-    state = torch.load(model_file, map_location="cpu", weights_only=True)["state_dict"]
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return state_digest(torch.load(model_file, map_location="cpu", weights_only=True)["state_dict"])
 
 
 def file_digest(path: str | Path) -> str:

@@ -10,6 +10,7 @@ of them were versioned with DVC and which a finished training run has seen.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import logging
 import subprocess
@@ -111,9 +112,9 @@ def update_params(path: Path, changes: dict[str, dict]) -> list[str]:
                 data[section][key] = value
                 changed.append(f"{section}.{key}")
     if changed:
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8") as f:
-            yaml.dump(data, f)
-        Path(f.name).replace(path)
+        text = io.StringIO()
+        yaml.dump(data, text)
+        write_atomic(path, text.getvalue().encode())
     return changed
 
 

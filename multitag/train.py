@@ -38,7 +38,7 @@ from multitag.ingest import MANIFEST, SHARDS
 from multitag.labels import TARGETS, VOCABULARY
 from multitag.losses import ModelEma, make_loss
 from multitag.metrics import mean_ap
-from multitag.models import build_model, predict_scores, save_model_file, to_input
+from multitag.models import build_model, predict_scores, save_model_file, state_digest, to_input
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +265,6 @@ def _init_distributed(device: torch.device) -> torch.device:
     return device
 
 
-def _weights_sha(state: dict) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _val_map(model: nn.Module, x_val, y_val, device) -> float:
     return mean_ap(y_val.numpy(), predict_scores(model, x_val, device)) if len(x_val) else float("nan")
 
@@ -436,7 +429,7 @@ def train(p: TrainParams, prepared_dir: str | Path = "data/prepared", labels_dir
                          round(time.time() - start, 1))
     if dist.is_initialized():
         log.info("rank %d/%d: final weights sha256 %s", dist.get_rank(), dist.get_world_size(),
-                 _weights_sha(model.state_dict()))
+                 state_digest(model.state_dict())[:16])
         dist.barrier()
         dist.destroy_process_group()
     if not lead:

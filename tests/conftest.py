@@ -87,21 +87,11 @@ def moto_endpoint():
     """A real S3 API over HTTP on loopback: moto_server, started here and stopped afterwards."""
     port = free_port()
     proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.2)
+    wait_until_serving(proc, url + "/moto-api/", 60, lambda: "moto_server did not start")
     yield url
-    proc.terminate()
-    proc.wait(10)
+    stop_process_group(proc)
 
 
 SECRET = "tEsT-SeCrEt-8f2b6c1d9e7a4035"
@@ -143,18 +133,25 @@ def prefect_server(tmp_path_factory):
     proc = subprocess.Popen([str(BIN / "multitag"), "server", "--port", str(port)], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 120
+    wait_until_serving(proc, api + "/health", 120,
+                       lambda: "prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
+    yield api
+    stop_process_group(proc)
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, timeout: float, failure) -> None:
+    """Wait until ``url`` answers; if ``proc`` exits or the time runs out, stop it and raise
+    RuntimeError(failure())."""
+    deadline = time.time() + timeout
     while True:
         try:
-            urllib.request.urlopen(api + "/health", timeout=2)
-            break
+            urllib.request.urlopen(url, timeout=2)
+            return
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 stop_process_group(proc)
-                raise RuntimeError("prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-    yield api
-    stop_process_group(proc)
+                raise RuntimeError(failure())
+            time.sleep(0.3)
 
 
 def stop_process_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 20) -> None:

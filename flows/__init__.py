@@ -1,1 +1,1 @@
-"""Prefect flows: the training pipeline."""
+"""Prefect flows: the training pipeline, scheduled retraining and its deployment."""

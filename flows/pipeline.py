@@ -10,12 +10,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from tasks.evaluate import evaluate
-from tasks.ingest import ingest
-from tasks.labels import labels
-from tasks.push import push
-from tasks.register import register
-from tasks.train import train
+from multitag.layout import PIPELINE
+from tasks.dvc import push
+from tasks.stages import stage_task
 
 
 def _run_name() -> str:
@@ -27,11 +24,8 @@ def _run_name() -> str:
 def training_pipeline(workdir: str = ".") -> dict:
     """Run every stage in the DVC workspace ``workdir``, then push to the DVC remote if one is set;
     returns a summary of the run."""
-    data = ingest(workdir)
-    vocab = labels(workdir)
-    fit = train(workdir)
-    metrics = evaluate(workdir)
-    reg = register(workdir)
+    out = {name: stage_task(name)(name, workdir) for name in PIPELINE}
+    data, vocab, fit, metrics, reg = (out[name] for name in PIPELINE)
     pushed = push(workdir)
     t = metrics["test"]
     summary = {
@@ -41,8 +35,7 @@ def training_pipeline(workdir: str = ".") -> dict:
         "epochs": fit["epochs_run"], "version": reg["version"], "new_version": reg["created"],
         "champion": reg["champion"], "reason": reg["reason"], "store": reg["store"],
         "dvc_remote": pushed["remote"] if pushed["pushed"] else None,
-        "stages_run": [name for name, r in zip(("ingest", "labels", "train", "evaluate", "register"),
-                                               (data, vocab, fit, metrics, reg)) if r["ran"]],
+        "stages_run": [name for name in PIPELINE if out[name]["ran"]],
     }
     create_markdown_artifact(key="pipeline-summary", markdown="```\n" + summary_table(summary) + "\n```",
                              description="training pipeline result")

@@ -17,9 +17,9 @@ from prefect.runtime import flow_run
 
 from flows.pipeline import training_pipeline
 from multitag.config import load_params
-from multitag.retrain import (commit_message, commit_paths, load_state, plan, raw_ingest_params, retrain_lock,
+from multitag.lineage import (commit_message, commit_paths, load_state, plan, raw_ingest_params, retrain_lock,
                               save_state, state_path, take_in, update_params)
-from tasks.dvc_stage import StageFailed, retry_transient_only, run_dvc
+from tasks.dvc import dvc_add, retry_transient_only
 
 
 def _run_name() -> str:
@@ -58,14 +58,6 @@ def take_in_batches(workdir: str) -> dict:
     return intake
 
 
-@task(name="version-raw-data", retries=2, retry_delay_seconds=10)
-def version_raw_data(workdir: str, raw: str) -> None:
-    """`dvc add` the raw data folder (its new .dvc file is committed at the end of the run)."""
-    code, lines = run_dvc(["add", raw], workdir)
-    if code != 0:
-        raise StageFailed(f"dvc add {raw} failed:\n" + "\n".join(lines[-15:]))
-
-
 @task(name="commit")
 def commit(workdir: str, raw: str, message: str) -> str | None:
     sha = commit_paths(Path(workdir), ["dvc.lock", f"{raw}.dvc", "params.yaml",
@@ -88,7 +80,7 @@ def retrain(workdir: str = ".", force: bool = False) -> dict:
         if intake["batches"]:
             update_params(ws / "params.yaml", {"ingest": raw_ingest_params(params)})
             if state["versioned"] != intake["batches"]:
-                version_raw_data(str(ws), raw)
+                dvc_add(str(ws), raw)
                 save_state(state_file, {**state, "versioned": intake["batches"]})
         decision = plan(load_params(ws / "params.yaml"), ws, force)
         logger.info("%s", decision["reason"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import errno
+import importlib
 import logging
 import os
 import sys
@@ -12,24 +12,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from multitag.config import ConfigError, load_params
+from multitag.config import load_params
+from multitag.errors import EXPECTED, ConfigError, exit_code
+from multitag.layout import PIPELINE, STAGE_MODULES, Layout
+from multitag.telemetry import quiet_env, silence
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-label image classification pipeline: ingest, labels, train, evaluate, register.")
 log = logging.getLogger("multitag")
 
-# Exit status of a stage that failed on transient I/O (EX_TEMPFAIL): the Prefect task retries those only.
-EXIT_TRANSIENT = 75
-_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
-                     errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EIO}
+Stage = Enum("Stage", {name: name for name in PIPELINE}, type=str)
 
 
-class Stage(str, Enum):
-    ingest = "ingest"
-    labels = "labels"
-    train = "train"
-    evaluate = "evaluate"
-    register = "register"
+@app.callback()
+def _main() -> None:
+    silence()  # before anything imports Prefect: no analytics from any command
 
 
 def _setup_logging() -> None:
@@ -43,16 +40,10 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def is_transient(err: BaseException) -> bool:
-    """Network and temporary I/O failures are worth a retry; bad data or code is not."""
-    return isinstance(err, (ConnectionError, TimeoutError)) or (
-        isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS)
-
-
 def _fail(err: BaseException) -> None:
-    """Print a one-paragraph error (no traceback for expected failures) and exit."""
+    """Print a one-paragraph error (no traceback for expected failures) and exit with its status."""
     log.error("%s", err)
-    raise typer.Exit(EXIT_TRANSIENT if is_transient(err) else 1)
+    raise typer.Exit(exit_code(err))
 
 
 @app.command("sample-data")
@@ -71,7 +62,7 @@ def sample_data(
         p = load_params(params).sample if params.exists() else SampleParams()
         updates = {k: v for k, v in {"n_images": n_images, "seed": seed}.items() if v is not None}
         result = write_sample_data(p.model_copy(update=updates), out)
-    except (ConfigError, OSError) as err:
+    except EXPECTED as err:
         _fail(err)
     typer.echo(f"{result.images} images ({result.empty} without digits), annotations: {result.annotations}")
 
@@ -81,36 +72,12 @@ def stage(
     name: Annotated[Stage, typer.Argument(help="Stage to run (what dvc.yaml calls)")],
     params: Annotated[Path, typer.Option(help="params.yaml to read")] = Path("params.yaml"),
 ):
-    """Run one pipeline stage in the current workspace, reading params.yaml."""
+    """Run one pipeline stage in the workspace of PARAMS (what dvc.yaml's stages call)."""
     _setup_logging()
-    launched = None
     try:
-        p = load_params(params)
-        if name is Stage.ingest:
-            from multitag.ingest import ingest
-            ingest(p.ingest)
-        elif name is Stage.labels:
-            from multitag.labels import make_labels
-            make_labels()
-        elif name is Stage.train and p.train.devices > 1 and "WORLD_SIZE" not in os.environ:
-            import subprocess  # one process per device, each running this command again
-            launched = subprocess.call([
-                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p.train.devices}",
-                "-m", "multitag.cli", "stage", "train", "--params", str(params)])
-        elif name is Stage.train:
-            from multitag.register import registered_model
-            from multitag.train import train
-            train(p.train, init=registered_model(_registry(params), p.train.init_from) if p.train.init_from else None)
-        elif name is Stage.evaluate:
-            from multitag.evaluate import evaluate
-            evaluate(p.evaluate)
-        elif name is Stage.register:
-            from multitag.register import register_model
-            register_model(p)
-    except (ConfigError, ValueError, LookupError, RuntimeError, OSError) as err:
+        importlib.import_module(STAGE_MODULES[name.value]).run(load_params(params), Layout(params.parent))
+    except EXPECTED as err:
         _fail(err)
-    if launched:
-        raise typer.Exit(launched)
 
 
 @app.command()
@@ -126,13 +93,8 @@ def run(
     start = time.time()
     try:
         load_params(workdir / "params.yaml")
-    except ConfigError as err:
-        _fail(err)
-    from tasks.dvc_stage import StageFailed
-
-    try:
         summary = training_pipeline(workdir=str(workdir.resolve()))
-    except StageFailed as err:  # the stage's own output is already in the log above
+    except EXPECTED as err:  # a failed stage's own output is already in the log above
         _fail(err)
     typer.echo(summary_table(summary, time.time() - start))
 
@@ -147,14 +109,14 @@ def predict(
 ):
     """Predict labels and per-label probabilities for every image in FOLDER."""
     from multitag.predict import predict_folder
-    from multitag.storage import NotFound, open_store
+    from multitag.storage import open_store
 
     _setup_logging()
     try:
         p = load_params(params)
         result = predict_folder(folder, model, open_store(p.store.uri, params.parent), p.register.name, out,
                                 str(thresholds) if thresholds else None)
-    except (ConfigError, NotFound, ValueError, OSError) as err:
+    except EXPECTED as err:
         _fail(err)
     typer.echo(f"{result['images']} images ({result['failed']} unreadable) scored with {result['model']}: {result['out']}")
 
@@ -178,12 +140,10 @@ def _registry(params: Path):
 
 def _registry_call(params: Path, fn):
     """Run fn(registry) with the store's errors reported plainly."""
-    from multitag.storage import NotFound, StoreError
-
     _setup_logging()
     try:
         return fn(_registry(params))
-    except (ConfigError, NotFound, StoreError, ValueError) as err:
+    except EXPECTED as err:
         _fail(err)
 
 
@@ -274,7 +234,7 @@ def inbox_add(
         batch, content = Inbox(p, workdir).add(folder, p.ingest, options, name)
     except BatchRejected as err:
         _fail(ValueError(f"{folder}: not added: {err}"))
-    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+    except EXPECTED as err:
         _fail(err)
     for r in content.rejected:
         log.warning("%s: %s (%s) will be rejected: %s", folder, r["record"], r["image"], r["reason"])
@@ -290,7 +250,7 @@ def inbox_list(workdir: WorkdirOption = Path(".")):
     _setup_logging()
     try:
         batches = Inbox(load_params(workdir / "params.yaml"), workdir).batches()
-    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+    except EXPECTED as err:
         _fail(err)
     for name, keys in sorted(batches.items()):
         typer.echo(f"{name}  {'ready' if READY in keys else 'arriving'}  {len(keys)} file(s)")
@@ -303,14 +263,9 @@ def retrain(workdir: WorkdirOption = Path("."),
     _setup_logging()
     try:
         load_params(workdir / "params.yaml")
-    except ConfigError as err:
-        _fail(err)
-    from flows.retrain import retrain as retrain_flow
-    from tasks.dvc_stage import StageFailed
-
-    try:
+        from flows.retrain import retrain as retrain_flow
         s = retrain_flow(workdir=str(workdir.resolve()), force=force)
-    except (StageFailed, OSError, RuntimeError, ValueError) as err:
+    except EXPECTED as err:
         _fail(err)
     typer.echo(f"{s['reason']}; " + (f"v{s['pipeline']['version']} test mAP {s['pipeline']['test_map']:.4f}, "
                                      f"champion: {'yes' if s['pipeline']['champion'] else 'no'}"
@@ -318,8 +273,7 @@ def retrain(workdir: WorkdirOption = Path("."),
 
 
 def _prefect_env(port: int | None = None) -> dict:
-
-    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = quiet_env()
     if port is not None:
         env.setdefault("PREFECT_UI_API_URL", f"http://127.0.0.1:{port}/api")
     return env
@@ -348,7 +302,7 @@ def deploy(workdir: WorkdirOption = Path("."), interval: IntervalOption = None, 
 
     try:
         deployment = deploy_retrain(workdir, interval, name)
-    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+    except EXPECTED as err:
         _fail(err)
     p = load_params(workdir / "params.yaml").retrain
     typer.echo(f"deployment retrain/{name} ({deployment}) on work pool {p.work_pool!r}, "
@@ -376,7 +330,7 @@ def serve(workdir: WorkdirOption = Path("."), interval: IntervalOption = None, n
 
     try:
         serve_retrain(workdir, interval, name)
-    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+    except EXPECTED as err:
         _fail(err)
 
 

@@ -1,29 +1,32 @@
 """params.yaml -> typed, validated configuration objects.
 
-Unknown keys are rejected (a typo in params.yaml must not silently fall back to a default) and every
-error names the offending key, e.g. ``train.lrr: unknown key``.
+The defaults below are params.yaml's values (``tests/test_config.py`` checks they agree): params.yaml
+is the documented copy of them. Types are strict (``epochs: true`` or ``lr: "0.1"`` are refused) and
+unknown keys are rejected, each error naming its key, e.g. ``train.lrr: unknown key``.
+
+Beside the user's params.yaml, ``lineage.yaml`` holds what multitag itself records about the
+workspace (where ingest reads once retraining has started, the version training fine-tunes from, an
+overriding store): machine state kept out of the user's configuration, and tracked by DVC the same way.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PARAMS_FILE = "params.yaml"
+from multitag.errors import ConfigError
+from multitag.layout import LINEAGE, PARAMS
+
 STORE_URI_ENV = "MULTITAG_STORE_URI"
-
-
-class ConfigError(ValueError):
-    """params.yaml is missing, unreadable or invalid; the message names the key."""
+LOCAL_MODELS = ("compact_cnn", "simple_cnn")  # multitag/models.py; anything else comes from torchvision
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
 
 class SampleParams(_Section):
@@ -48,11 +51,10 @@ class IngestParams(_Section):
     strict: bool = False                # any rejected record fails the run
     max_rejected_fraction: float = Field(0.5, ge=0, le=1)  # more rejected than this fails the run
     image_size: int = Field(32, ge=8, le=1024)
-    val_fraction: float = Field(0.15, ge=0, lt=1)
-    test_fraction: float = Field(0.2, ge=0, lt=1)
+    val_fraction: float = Field(0.15, gt=0, lt=1)   # thresholds are tuned on validation: it must exist
+    test_fraction: float = Field(0.2, gt=0, lt=1)   # models are compared on test: it must exist
     shard_size: int = Field(4096, ge=1)
     workers: int = Field(0, ge=0)
-    cache: str | None = None  # folder of decoded images by content hash (params.yaml: data/ingest_cache)
 
     @model_validator(mode="after")
     def _splits_fit(self):
@@ -75,46 +77,47 @@ class LabelsParams(_Section):
 # Augmentation presets for train.augment.preset; keys given beside the preset override it.
 AUGMENT_PRESETS = {
     "none": {"hflip": False, "vflip": False, "random_resized_crop": False, "color_jitter": 0.0, "cutout": 0.0},
-    "digits": {"hflip": False, "vflip": False, "random_resized_crop": True, "crop_scale": (0.75, 1.0),
+    "digits": {"hflip": False, "vflip": False, "random_resized_crop": True, "crop_scale": [0.75, 1.0],
                "color_jitter": 0.0, "cutout": 0.0},  # no mirroring: a mirrored digit is another glyph
-    "photos": {"hflip": True, "vflip": False, "random_resized_crop": True, "crop_scale": (0.5, 1.0),
+    "photos": {"hflip": True, "vflip": False, "random_resized_crop": True, "crop_scale": [0.5, 1.0],
                "color_jitter": 0.2, "cutout": 0.0},
-    "strong": {"hflip": True, "vflip": False, "random_resized_crop": True, "crop_scale": (0.35, 1.0),
+    "strong": {"hflip": True, "vflip": False, "random_resized_crop": True, "crop_scale": [0.35, 1.0],
                "color_jitter": 0.3, "cutout": 0.25},
 }
 
 
 class AugmentParams(_Section):
-    preset: Literal["none", "digits", "photos", "strong"] | None = None
+    preset: Literal["none", "digits", "photos", "strong"] | None = "digits"
     hflip: bool = False
     vflip: bool = False
     random_resized_crop: bool = True
-    crop_scale: tuple[float, float] = (0.75, 1.0)
+    crop_scale: list[float] = [0.75, 1.0]
     color_jitter: float = Field(0.0, ge=0, le=1)  # brightness, contrast and saturation factors in 1 +- this
     cutout: float = Field(0.0, ge=0, lt=1)        # side of one zeroed square, as a fraction of the image side
 
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data):
-        if isinstance(data, dict) and data.get("preset") in AUGMENT_PRESETS:
-            return {**AUGMENT_PRESETS[data["preset"]], **data}
+        if isinstance(data, dict):
+            preset = data.get("preset", cls.model_fields["preset"].default)
+            if preset in AUGMENT_PRESETS:
+                return {**AUGMENT_PRESETS[preset], **data}
         return data
 
     @field_validator("crop_scale")
     @classmethod
     def _scale_range(cls, v):
-        lo, hi = v
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"must satisfy 0 < min <= max <= 1, got {list(v)}")
+        if len(v) != 2 or not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"must be [min, max] with 0 < min <= max <= 1, got {list(v)}")
         return v
 
 
 class TrainParams(_Section):
-    model: str = "resnet18"
+    # Any torchvision classification model by name, compact_cnn or simple_cnn (see README).
+    model: str = "compact_cnn"
     pretrained: str | None = None
-    init_from: int | None = Field(None, ge=1)  # start from this registered version's weights (fine-tuning)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
     lr: float = Field(0.003, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     schedule: Literal["onecycle", "cosine"] = "onecycle"
@@ -136,6 +139,17 @@ class TrainParams(_Section):
     compile: bool = False                 # torch.compile the model for training
     augment: AugmentParams = AugmentParams()
     eval_augment: Literal["none", "hflip"] = "none"  # test-time: average over the image and its mirror
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v in LOCAL_MODELS:
+            return v
+        import torchvision
+        if v not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"unknown model {v!r}; choose compact_cnn, simple_cnn or a torchvision "
+                             "classification model such as resnet18, resnet50, efficientnet_b0, mobilenet_v3_small")
+        return v
 
 
 class EvaluateParams(_Section):
@@ -163,8 +177,13 @@ class RetrainParams(_Section):
     work_pool: str = "multitag"   # a Prefect process work pool
 
 
-# "register" is a section name here, not BaseModel's ABC method; pydantic warns about the name.
-warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+class LineageParams(_Section):
+    """lineage.yaml: written by multitag (the retrain flow, `multitag run`), never by hand."""
+    raw: str | None = None        # the DVC hash of retrain.raw once ingest reads it instead of params' ingest
+    batches: int = Field(0, ge=0)  # batches in the raw data (the first is the data set retraining began with)
+    origin: dict | None = None    # that first data set: params.yaml's ingest.annotations / images / format
+    init_from: int | None = Field(None, ge=1)  # the registered version the train stage fine-tunes from
+    store: str | None = None      # the store in $MULTITAG_STORE_URI when it overrides store.uri
 
 
 class Params(_Section):
@@ -173,9 +192,19 @@ class Params(_Section):
     labels: LabelsParams = LabelsParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
-    register: RegisterParams = RegisterParams()
+    # "register" would shadow BaseModel's ABC method; the field has another name, the key stays.
+    register_: RegisterParams = Field(RegisterParams(), alias="register")
     store: StoreParams = StoreParams()
     retrain: RetrainParams = RetrainParams()
+    lineage: LineageParams = LineageParams()  # from lineage.yaml, not params.yaml
+
+    @property
+    def register(self) -> RegisterParams:
+        return self.register_
+
+    def dump(self) -> dict:
+        """Every section as plain JSON values, keyed as in params.yaml (for model cards)."""
+        return self.model_dump(mode="json", by_alias=True)
 
 
 def _describe(err: ValidationError, source: str) -> str:
@@ -189,28 +218,42 @@ def _describe(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_params(raw: dict | None, source: str = PARAMS_FILE) -> Params:
-    """Validate a params mapping; the store URI may be overridden by $MULTITAG_STORE_URI."""
-    if raw is None:
-        raw = {}
+def parse_params(raw: dict | None, source: str = PARAMS, lineage: dict | None = None) -> Params:
+    """Validate a params mapping (and the lineage section); the lineage's recorded store overrides
+    store.uri."""
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    raw = dict(raw)
-    if os.environ.get(STORE_URI_ENV):
-        raw["store"] = {**(raw.get("store") or {}), "uri": os.environ[STORE_URI_ENV]}
+    if "lineage" in raw:
+        raise ConfigError(f"{source}: lineage: unknown key (the lineage lives in {LINEAGE}, written by multitag)")
     try:
-        return Params.model_validate(raw)
+        p = Params.model_validate({**raw, "lineage": lineage or {}})
     except ValidationError as err:
         raise ConfigError(_describe(err, source)) from None
+    if p.lineage.store:
+        p = p.model_copy(update={"store": StoreParams(uri=p.lineage.store)})
+    return p
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml."""
-    path = Path(path)
+def _read_yaml(path: Path):
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found (run from the project workspace)") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(raw, str(path))
+
+
+def load_params(path: str | Path = PARAMS) -> Params:
+    """Read and validate params.yaml and, beside it, lineage.yaml (absent = a fresh lineage)."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    lineage_file = path.with_name(LINEAGE)
+    lineage = (_read_yaml(lineage_file) or {}) if lineage_file.exists() else {}
+    if not isinstance(lineage, dict) or set(lineage) - {"lineage"}:
+        raise ConfigError(f"{lineage_file}: expected one section, lineage (the file is written by multitag)")
+    return parse_params(raw, str(path), lineage.get("lineage"))
+
+
+def store_env_override() -> str | None:
+    return os.environ.get(STORE_URI_ENV) or None

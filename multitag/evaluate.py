@@ -6,8 +6,6 @@ precision-recall curves as CSV per label (DVC plots) and as one PNG.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import re
 import shutil
@@ -15,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from multitag.config import EvaluateParams
+from multitag.config import EvaluateParams, Params
+from multitag.layout import Layout, load_split, select_device
 from multitag.metrics import classification_metrics, per_label_ap, pr_curve, tune_thresholds
 from multitag.models import load_model_file, predict_scores
-from multitag.train import load_split, select_device
+from multitag.report import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +52,8 @@ def _write_curves(y, scores, labels, ap, out_dir: Path, png: Path) -> None:
         precision, recall, _ = pr_curve(y[:, j], scores[:, j])
         keep = np.unique(np.linspace(0, len(recall) - 1, min(len(recall), MAX_CURVE_POINTS)).astype(int))
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:40]
-        with (out_dir / f"{j:03d}_{safe}.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["recall", "precision"])
-            w.writerows(zip(np.round(recall[keep], 5), np.round(precision[keep], 5)))
+        write_csv(out_dir / f"{j:03d}_{safe}.csv", ["recall", "precision"],
+                  zip(np.round(recall[keep], 5), np.round(precision[keep], 5)))
         ax.step(recall, precision, where="post", label=f"{label} (AP {ap[j]:.3f})", linewidth=1)
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="test precision-recall")
     if len(labels) <= 20:
@@ -67,41 +64,32 @@ def _write_curves(y, scores, labels, ap, out_dir: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def evaluate(p: EvaluateParams, model_path: str | Path = "models/model.pt",
-             prepared_dir: str | Path = "data/prepared", labels_dir: str | Path = "data/labels",
-             reports_dir: str | Path = "reports") -> dict:
+def evaluate(p: EvaluateParams, layout: Layout) -> dict:
     """Tune thresholds on val, score test; returns the metrics written to metrics.json."""
-    reports_dir = Path(reports_dir)
     device = select_device("auto")
-    model, meta = load_model_file(model_path, device)
+    model, meta = load_model_file(layout.model, device)
     labels = meta["labels"]
     splits = {}
     for split in ("val", "test"):
-        x, y, _ = load_split(prepared_dir, labels_dir, split)
-        splits[split] = (y.numpy().astype(np.uint8), predict_scores(model, x, device))
-    if len(splits["test"][0]) == 0:
-        raise ValueError("the test split is empty: add images or raise ingest.test_fraction")
-    thresholds = (tune_thresholds(*splits["val"], metric=p.threshold_metric, min_recall=p.min_recall)
-                  if len(splits["val"][0]) else np.full(len(labels), 0.5))
-
+        x, y, _ = load_split(layout, split)
+        splits[split] = (y.numpy().astype(np.uint8), predict_scores(model, x, device, tta=meta["tta"]))
+    for split, (y, _) in splits.items():
+        if len(y) == 0:
+            raise ValueError(f"the {split} split is empty: add images or raise ingest.{split}_fraction")
+    thresholds = tune_thresholds(*splits["val"], metric=p.threshold_metric, min_recall=p.min_recall)
     metrics = {}
-    if len(splits["val"][0]):
-        metrics["val"], _, _ = score_split(*splits["val"], thresholds)
+    metrics["val"], _, _ = score_split(*splits["val"], thresholds)
     y_test, s_test = splits["test"]
     metrics["test"], test_ap, test_f1 = score_split(y_test, s_test, thresholds)
 
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (reports_dir / "thresholds.json").write_text(json.dumps(
-        {"labels": labels, "thresholds": [round(float(t), 6) for t in thresholds],
-         "tuned_on": "val", "metric": p.threshold_metric,
-         **({"min_recall": p.min_recall} if p.threshold_metric == "precision_at_recall" else {})}, indent=2) + "\n")
-    with (reports_dir / "per_label.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["label", "support", "ap", "f1", "threshold"])
-        for j, label in enumerate(labels):
-            w.writerow([label, int(y_test[:, j].sum()), _fmt(test_ap[j]), _fmt(test_f1[j]), round(float(thresholds[j]), 4)])
-    _write_curves(y_test, s_test, labels, test_ap, reports_dir / "plots" / "pr", reports_dir / "plots" / "pr_curves.png")
+    write_json(layout.metrics, metrics)
+    write_json(layout.thresholds, {
+        "labels": labels, "thresholds": [round(float(t), 6) for t in thresholds], "tuned_on": "val",
+        "metric": p.threshold_metric, **({"min_recall": p.min_recall} if p.threshold_metric == "precision_at_recall" else {})})
+    write_csv(layout.per_label, ["label", "support", "ap", "f1", "threshold"],
+              ([label, int(y_test[:, j].sum()), _fmt(test_ap[j]), _fmt(test_f1[j]), round(float(thresholds[j]), 4)]
+               for j, label in enumerate(labels)))
+    _write_curves(y_test, s_test, labels, test_ap, layout.pr_curves, layout.pr_plot)
     t = metrics["test"]
     log.info("test: mAP %.4f  micro-F1 %.4f  macro-F1 %.4f  Hamming %.4f  subset acc %.4f (%d images)",
              t["map"], t["micro_f1"], t["macro_f1"], t["hamming_loss"], t["subset_accuracy"], t["images"])
@@ -110,3 +98,8 @@ def evaluate(p: EvaluateParams, model_path: str | Path = "models/model.pt",
 
 def _fmt(v: float) -> str:
     return "" if np.isnan(v) else f"{v:.4f}"
+
+
+def run(params: Params, layout: Layout) -> dict:
+    """The evaluate stage as dvc.yaml runs it."""
+    return evaluate(params.evaluate, layout)

@@ -28,10 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from multitag.config import IngestParams
-
-
-class IngestError(RuntimeError):
-    """The annotations as a whole are unusable; the message says what to fix."""
+from multitag.errors import IngestError
 
 
 @dataclass(frozen=True)

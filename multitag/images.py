@@ -11,13 +11,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from multitag.errors import RecordError
+
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DECODE_VERSION = 1  # bump when decode() changes its output: cached decodes of older versions are ignored
-
-
-class RecordError(ValueError):
-    """One record (row, file) is unusable; the message says why in plain words."""
 
 
 def resolve_image(root: Path, name: str) -> Path:
@@ -42,7 +40,8 @@ def read_s3(uri: str) -> bytes:
     key rejects the record; bucket, credential and endpoint problems (StoreError) fail the run."""
     import os
 
-    from multitag.storage import NotFound, S3Store
+    from multitag.errors import NotFound
+    from multitag.storage import S3Store
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     store_id = (os.environ.get("AWS_ENDPOINT_URL"), bucket)

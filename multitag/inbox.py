@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -33,9 +32,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from multitag.config import IngestParams, Params
-from multitag.formats import IngestError, read_records
-from multitag.images import IMAGE_SUFFIXES, RecordError, decode, sha256
+from multitag.errors import IngestError, RecordError
+from multitag.formats import read_records
+from multitag.images import IMAGE_SUFFIXES, decode, sha256
 from multitag.ingest import check_tags, image_bytes, images_root
+from multitag.report import write_atomic
 from multitag.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -59,17 +60,6 @@ class BatchRejected(Exception):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def find_annotations(folder: Path) -> str:

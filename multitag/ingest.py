@@ -8,9 +8,8 @@ saying what to fix.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
+import io
 import logging
 import os
 import re
@@ -22,29 +21,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitag.config import IngestParams
-from multitag.formats import IngestError, Record, read_records
-from multitag.images import (DECODE_VERSION, IMAGE_SUFFIXES, RecordError, decode, read_bytes, read_s3,
-                             resolve_image, sha256)
+from multitag.config import IngestParams, Params
+from multitag.errors import IngestError, RecordError
+from multitag.formats import Record, read_records
+from multitag.images import DECODE_VERSION, IMAGE_SUFFIXES, decode, read_bytes, read_s3, resolve_image, sha256
+from multitag.layout import MANIFEST, SHARDS, Layout
 from multitag.progress import progress
+from multitag.report import replace_dir, write_atomic, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.parquet"
-INPUT_KEY = "input.sha256"  # fingerprint of the inputs of the ingest that wrote the folder
-SHARDS = "shards"
 _BAD_TAG = re.compile(r"[\x00-\x1f\x7f,;|]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _write_issues(reports_dir: Path, rows: list[tuple[str, str, str]]) -> Path:
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    report = reports_dir / "ingest_issues.csv"
-    with report.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["record", "image", "reason"])
-        w.writerows(rows)
-    return report
 
 
 def _check_rejections(p: IngestParams, total: int, issues: list, records: list[Record], report: Path) -> None:
@@ -66,7 +54,6 @@ class IngestResult:
     accepted: int
     format: str
     rejected: int
-    from_cache: int
     negatives: int
     splits: dict
     data_version: str
@@ -126,35 +113,17 @@ def local_image_path(root: str, name: str) -> Path:
     return path
 
 
-def input_key(p: IngestParams, records: list[Record], root: str) -> str | None:
-    """A fingerprint of everything an ingest reads: params, annotations, and each image file's
-    size and modification time (not its bytes). None for images on S3 (no cheap check there)."""
-    if root.startswith("s3://") or any(r.image.startswith("s3://") for r in records):
-        return None
-    h = hashlib.sha256(json.dumps({**p.model_dump(mode="json"), "workers": None}, sort_keys=True).encode())
-    h.update(Path(p.annotations).read_bytes() if Path(p.annotations).is_file() else p.annotations.encode())
-    for r in records:
-        try:
-            st = local_image_path(root, r.image).stat()
-            h.update(f"{r.image}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except (RecordError, OSError):
-            h.update(f"{r.image}\0-\n".encode())
-    return h.hexdigest()
-
-
-def _cached_decode(data: bytes, digest: str, size: int, name: str, cache: str | None) -> tuple[np.ndarray, bool]:
+def _cached_decode(data: bytes, digest: str, size: int, name: str, cache: Path | None) -> tuple[np.ndarray, bool]:
     """(pixels, came from cache): an image already decoded at this size is read back, not decoded."""
     if cache is None:
         return decode(data, size, name), False
-    path = Path(cache) / f"v{DECODE_VERSION}-{size}px" / digest[:2] / f"{digest}.npy"
+    path = cache / f"v{DECODE_VERSION}-{size}px" / digest[:2] / f"{digest}.npy"
     if path.exists():
         return np.load(path), True
     arr = decode(data, size, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.save(buffer, arr)
+    write_atomic(path, buffer.getvalue())
     return arr, False
 
 
@@ -178,16 +147,10 @@ def _decode_all(jobs: list, workers: int):
         yield from progress(pool.imap(_load_record, jobs, chunksize=64), len(jobs), "ingest", "images", log)
 
 
-def _write_atomic_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
-def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
-           reports_dir: str | Path = "reports") -> IngestResult:
-    """Validate every record, decode and resize images, write shards + manifest and the issues report."""
-    out_dir, reports_dir = Path(out_dir), Path(reports_dir)
+def ingest(p: IngestParams, layout: Layout, cache: bool = True) -> IngestResult:
+    """Validate every record, decode and resize images, write shards + manifest and the issues report.
+    Outputs depend on the annotations, the images' bytes and ``p`` alone (``cache``: reuse decodes
+    kept in the workspace's decode cache, which changes speed, never results)."""
     fmt, records = read_records(p)
     root = images_root(p, fmt)
     issues: list[tuple[int, str, str]] = []
@@ -198,16 +161,8 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
         except RecordError as err:
             issues.append((i, record.image, str(err)))
             continue
-        jobs.append((i, record.image, root, p.image_size, p.cache))
+        jobs.append((i, record.image, root, p.image_size, layout.decode_cache if cache else None))
     names = {i: r.image for i, r in enumerate(records)}
-    key = input_key(p, records, root)
-    summary = reports_dir / "ingest.json"
-    if key is not None and (out_dir / INPUT_KEY).is_file() and (out_dir / INPUT_KEY).read_text() == key \
-            and summary.is_file() and (out_dir / MANIFEST).is_file():
-        result = IngestResult(**json.loads(summary.read_text()))
-        if Path(result.issues_report).is_file():
-            log.info("annotations, images and params unchanged since the last ingest into %s: nothing to do", out_dir)
-            return result
 
     seen: dict[str, int] = {}
     kept: list[dict] = []
@@ -234,7 +189,8 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
         kept.append({"row": row, "id": digest[:16], "source": names[row], "sha256": digest,
                      "split": split_for(digest, p.val_fraction, p.test_fraction), "tags": list(tags_of[row])})
     issues.sort()
-    report = _write_issues(reports_dir, [(records[i].ref, image, reason) for i, image, reason in issues])
+    report = write_csv(layout.ingest_issues, ["record", "image", "reason"],
+                       [(records[i].ref, image, reason) for i, image, reason in issues])
     if not kept:
         raise IngestError(f"{p.annotations}: none of the {len(records)} records is usable; "
                           f"reasons in {report}")
@@ -245,6 +201,7 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
     manifest["shard"] = np.arange(len(manifest)) // p.shard_size
     manifest["offset"] = np.arange(len(manifest)) % p.shard_size
 
+    out_dir = layout.prepared
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / SHARDS).mkdir(parents=True)
@@ -252,9 +209,7 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
         batch = np.stack([pixels[r] for r in order[start:start + p.shard_size]])
         np.save(tmp / SHARDS / f"{shard:05d}.npy", batch)
     manifest.to_parquet(tmp / MANIFEST, index=False)
-    if key is not None:
-        (tmp / INPUT_KEY).write_text(key)
-    _write_atomic_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
 
     spellings: dict[str, set[str]] = {}
     for tags in manifest["tags"]:
@@ -267,13 +222,18 @@ def ingest(p: IngestParams, out_dir: str | Path = "data/prepared",
     version = hashlib.sha256("\n".join(
         f"{d} {' '.join(t)}" for d, t in zip(manifest["sha256"], manifest["tags"])).encode()).hexdigest()
     result = IngestResult(
-        records=len(records), accepted=len(manifest), format=fmt, rejected=len(issues), from_cache=cached,
+        records=len(records), accepted=len(manifest), format=fmt, rejected=len(issues),
         negatives=int((manifest["tags"].map(len) == 0).sum()),
         splits={s: int((manifest["split"] == s).sum()) for s in ("train", "val", "test")},
-        data_version=version[:16], issues_report=str(report), label_warnings=warnings)
-    summary.write_text(json.dumps(asdict(result), indent=2) + "\n")
+        data_version=version[:16], issues_report=os.path.relpath(report, layout.root), label_warnings=warnings)
+    write_json(layout.ingest_summary, asdict(result))
     log.info("ingested %d of %d records (%d negatives, %d decodes reused from %s); splits %s", result.accepted,
-             result.records, result.negatives, cached, p.cache, result.splits)
+             result.records, result.negatives, cached, layout.decode_cache, result.splits)
     if issues:
         log.warning("%d record(s) rejected, reasons in %s", len(issues), report)
     return result
+
+
+def run(params: Params, layout: Layout) -> IngestResult:
+    """The ingest stage as dvc.yaml runs it."""
+    return ingest(params.ingest, layout)

@@ -1,39 +1,37 @@
-"""Labels stage: the label vocabulary, the multi-hot target matrix and label statistics."""
+"""Labels stage: the label vocabulary, the multi-hot target matrix and label statistics.
+
+The vocabulary is the sorted set of labels in the data: a function of the data alone, so a workspace
+switched to another data set gets that data set's labels, and a label added by a retraining batch
+makes the retrain flow train from scratch (output i of a model means label i only within one
+vocabulary; champions are compared label by label, by name)."""
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from multitag.ingest import MANIFEST
+from multitag.config import Params
+from multitag.layout import Layout, read_manifest
+from multitag.report import write_atomic, write_json
 
 log = logging.getLogger(__name__)
-
-VOCABULARY = "vocabulary.json"
-TARGETS = "targets.npy"
 
 
 @dataclass(frozen=True)
 class LabelsResult:
     labels: int
-    new_labels: list
     images: int
     positives: int
 
 
-def build_vocabulary(tag_lists, previous: list[str] | None = None) -> list[str]:
-    """Previous vocabulary first, in its order, then labels never seen before, sorted: a later
-    vocabulary only appends, so output i of an older model keeps meaning label i."""
-    previous = list(previous or [])
-    known = set(previous)
-    new = sorted({t for tags in tag_lists for t in tags} - known)
-    return previous + new
+def build_vocabulary(tag_lists) -> list[str]:
+    """The sorted set of labels."""
+    return sorted({t for tags in tag_lists for t in tags})
 
 
 def multi_hot(tag_lists, vocabulary: list[str]) -> np.ndarray:
@@ -88,31 +86,27 @@ def plot_stats(stats: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def make_labels(prepared_dir: str | Path = "data/prepared", out_dir: str | Path = "data/labels",
-                reports_dir: str | Path = "reports") -> LabelsResult:
-    """Write vocabulary.json (appending to an existing one), targets.npy aligned with the manifest
-    rows, and the label statistics as JSON and PNG."""
-    out_dir, reports_dir = Path(out_dir), Path(reports_dir)
-    manifest = pd.read_parquet(Path(prepared_dir) / MANIFEST)
+def make_labels(layout: Layout) -> LabelsResult:
+    """Write vocabulary.json, targets.npy aligned with the manifest rows, and the label statistics
+    as JSON and PNG."""
+    manifest = read_manifest(layout)
     tag_lists = [list(t) for t in manifest["tags"]]
-    vocab_path = out_dir / VOCABULARY
-    previous = json.loads(vocab_path.read_text())["labels"] if vocab_path.exists() else []
-    vocabulary = build_vocabulary(tag_lists, previous)
+    vocabulary = build_vocabulary(tag_lists)
     y = multi_hot(tag_lists, vocabulary)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / TARGETS, y)
-    tmp = vocab_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"labels": vocabulary}, indent=2) + "\n")
-    tmp.replace(vocab_path)
+    buffer = io.BytesIO()
+    np.save(buffer, y)
+    write_atomic(layout.targets, buffer.getvalue())
+    write_json(layout.vocabulary, {"labels": vocabulary})
 
     stats = label_stats(y, vocabulary, manifest["split"])
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "label_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    plot_stats(stats, reports_dir / "plots" / "label_stats.png")
-    new = vocabulary[len(previous):] if previous else []
-    result = LabelsResult(labels=len(vocabulary), new_labels=new, images=len(y), positives=int(y.sum()))
-    log.info("%d labels over %d images (%.2f per image)%s", len(vocabulary), len(y),
-             stats["mean_labels_per_image"], f"; new labels: {new}" if new else "")
-    (reports_dir / "labels.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    write_json(layout.label_stats, stats)
+    plot_stats(stats, layout.label_stats_plot)
+    result = LabelsResult(labels=len(vocabulary), images=len(y), positives=int(y.sum()))
+    log.info("%d labels over %d images (%.2f per image)", len(vocabulary), len(y), stats["mean_labels_per_image"])
+    write_json(layout.labels_summary, asdict(result))
     return result
+
+
+def run(params: Params, layout: Layout) -> LabelsResult:
+    """The labels stage as dvc.yaml runs it."""
+    return make_labels(layout)

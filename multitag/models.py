@@ -7,20 +7,22 @@ pixels stored in shards and decoded at prediction time are all a model needs.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from multitag.config import LOCAL_MODELS
+from multitag.report import write_atomic
+
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "multitag-model/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LOCAL_MODELS = ("simple_cnn", "compact_cnn")
 
 
 class SimpleCNN(nn.Module):
@@ -67,12 +69,11 @@ class CompactCNN(nn.Module):
 class MultiLabelNet(nn.Module):
     """Normalisation + backbone producing one logit per label (sigmoid applied by the loss/scorer)."""
 
-    def __init__(self, backbone: nn.Module, tta: str = "none"):
+    def __init__(self, backbone: nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.backbone = backbone
-        self.tta = tta  # test-time augmentation of predict_scores (train.eval_augment): none | hflip
 
     def forward(self, x):
         return self.backbone((x - self.mean) / self.std)
@@ -120,13 +121,17 @@ def build_model(name: str, num_labels: int, image_size: int, pretrained: str | N
 
 def save_model_file(path: str | Path, *, arch: str, labels: list[str], image_size: int,
                     state_dict: dict, **meta) -> None:
-    """Write a self-describing model file atomically (tmp file, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": MODEL_FORMAT, "arch": arch, "labels": list(labels), "image_size": image_size,
-                "state_dict": state_dict, **meta}, tmp)
-    os.replace(tmp, path)
+    """Write a self-describing model file atomically: architecture, labels, input size, test-time
+    augmentation (``tta``) and weights, with any further metadata."""
+    save_atomic({"format": MODEL_FORMAT, "arch": arch, "labels": list(labels), "image_size": image_size,
+                 "state_dict": state_dict, **meta}, path)
+
+
+def save_atomic(obj, path: str | Path) -> None:
+    """torch.save, written whole or not at all."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def state_digest(state: dict) -> str:
@@ -145,7 +150,7 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise ValueError(f"{path}: not a multitag model file")
     model = build_model(meta["arch"], len(meta["labels"]), meta["image_size"])
     model.load_state_dict(meta.pop("state_dict"))
-    model.tta = meta.get("params", {}).get("eval_augment", "none")
+    meta.setdefault("tta", meta.get("params", {}).get("eval_augment", "none"))  # files from before "tta"
     return model.to(device).eval(), meta
 
 
@@ -157,9 +162,9 @@ def to_input(batch_uint8_nhwc: torch.Tensor, device: torch.device) -> torch.Tens
 
 @torch.no_grad()
 def predict_scores(model: nn.Module, images: np.ndarray | torch.Tensor, device: torch.device,
-                   batch_size: int = 256) -> np.ndarray:
-    """Sigmoid probabilities (images, labels) for uint8 NHWC images; with ``model.tta == "hflip"``
-    the mean over each image and its mirror."""
+                   tta: str = "none", batch_size: int = 256) -> np.ndarray:
+    """Sigmoid probabilities (images, labels) for uint8 NHWC images; with ``tta="hflip"`` the mean
+    over each image and its mirror (train.eval_augment)."""
     images = torch.as_tensor(images)
     model.eval()
     out = []
@@ -167,7 +172,7 @@ def predict_scores(model: nn.Module, images: np.ndarray | torch.Tensor, device: 
         x = to_input(images[start:start + batch_size], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             probs = torch.sigmoid(model(x).float())
-            if getattr(model, "tta", "none") == "hflip":
+            if tta == "hflip":
                 probs = (probs + torch.sigmoid(model(x.flip(3)).float())) / 2
         out.append(probs.cpu())
     n_labels = out[0].shape[1] if out else 0

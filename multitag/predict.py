@@ -10,15 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from multitag.images import IMAGE_SUFFIXES, RecordError, decode, read_bytes
+from multitag.errors import RecordError
+from multitag.images import IMAGE_SUFFIXES, decode, read_bytes
+from multitag.layout import select_device
 from multitag.models import load_model_file, predict_scores
 from multitag.registry import Registry
 from multitag.storage import Store
-from multitag.train import select_device
 
 log = logging.getLogger(__name__)
-
-
 
 def _load(model: str, registry: Registry, thresholds_file: str | None, device):
     """(model, metadata, thresholds, description) for a registry reference or a model file path."""
@@ -63,7 +62,7 @@ def predict_folder(folder: str | Path, model: str, store: Store, registry_name: 
                     failed += 1
             if not ok:
                 continue
-            probs = predict_scores(net, np.stack(arrays), device)
+            probs = predict_scores(net, np.stack(arrays), device, tta=meta["tta"])
             for path, p in zip(ok, probs):
                 predicted = " ".join(label for label, pi, t in zip(labels, p, thresholds) if pi >= t)
                 w.writerow([path.relative_to(folder).as_posix(), predicted, "", *[f"{v:.5f}" for v in p]])

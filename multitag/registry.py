@@ -1,4 +1,5 @@
-"""Model registry in the artifact store: numbered versions and the ``champion`` alias.
+"""Model registry in the artifact store: numbered versions and the ``champion`` alias; and the
+register stage, which puts the evaluated model into it and applies the champion rule.
 
 Layout under ``registry/<name>/``::
 
@@ -19,15 +20,21 @@ import json
 import logging
 import re
 import subprocess
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from multitag.models import state_digest
-from multitag.storage import NotFound, PreconditionFailed, Store
+from multitag.config import Params
+from multitag.errors import NotFound, PreconditionFailed
+from multitag.layout import Layout, load_split, read_manifest, select_device
+from multitag.metrics import mean_ap
+from multitag.models import load_model_file, predict_scores, state_digest
+from multitag.report import markdown_table, read_json, write_json
+from multitag.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -226,13 +233,76 @@ class Registry:
 
 
 def model_card_markdown(card: dict) -> str:
-    t = card["metrics"]["test"]
-    rows = "\n".join(f"| {k} | {v if v is None else round(v, 4)} |" for k, v in t.items())
-    thr = "\n".join(f"| {label} | {th:.3f} |" for label, th in zip(card["labels"], card["thresholds"]))
+    metrics = markdown_table(card["metrics"]["test"].items(), ("metric", "value"))
+    thresholds = markdown_table(zip(card["labels"], card["thresholds"]), ("label", "threshold"))
     return (f"# {card['name']} v{card['version']}\n\n"
             f"- created: {card['created_at']}\n- architecture: {card['params']['train']['model']}\n"
             f"- labels: {len(card['labels'])}\n- data version: {card.get('data_version')}\n"
             f"- git commit: {card['git'].get('commit')} (dirty: {card['git'].get('dirty')})\n"
             f"- weights sha256: {card['weights_sha256']}\n\n"
-            f"## Test metrics\n\n| metric | value |\n|---|---|\n{rows}\n\n"
-            f"## Thresholds (tuned on validation)\n\n| label | threshold |\n|---|---|\n{thr}\n")
+            f"## Test metrics\n\n{metrics}\n## Thresholds (tuned on validation)\n\n{thresholds}")
+
+
+# What a registered version holds: the model and the reports of the run that made it.
+ARTIFACTS = {"model.pt": "model", "thresholds.json": "thresholds", "metrics.json": "metrics",
+             "per_label.csv": "per_label", "pr_curves.png": "pr_plot", "train_history.csv": "train_history",
+             "ingest_issues.csv": "ingest_issues", "label_stats.json": "label_stats",
+             "label_stats.png": "label_stats_plot"}  # file in the version -> Layout attribute
+
+
+def test_set_digest(layout: Layout) -> str:
+    """Identity of the test split: the sorted content hashes of its images."""
+    m = read_manifest(layout, ["sha256", "split"])
+    return hashlib.sha256("\n".join(sorted(m.loc[m["split"] == "test", "sha256"])).encode()).hexdigest()[:16]
+
+
+def champion_rescorer(registry: Registry, layout: Layout, vocabulary: list[str]):
+    """rescore(version) -> that version's test mAP on the current test split, over the labels it knows."""
+    def rescore(version: int) -> float:
+        x, y, _ = load_split(layout, "test")
+        device = select_device("auto")
+        model, meta = registered_model(registry, version, device)
+        scores = predict_scores(model, x, device, tta=meta["tta"])
+        common = [j for j, label in enumerate(meta["labels"]) if label in vocabulary]
+        cols = [vocabulary.index(meta["labels"][j]) for j in common]
+        return mean_ap(y.numpy()[:, cols], scores[:, common])
+    return rescore
+
+
+def register_model(params: Params, layout: Layout) -> dict:
+    """Register models/model.pt with its metrics, thresholds, params, data and code version.
+    Writes and returns reports/registration.json (the same for the same model and registry state:
+    the store as configured, no timestamps)."""
+    registry = Registry(open_store(params.store.uri, layout.root), params.register.name)
+    metrics = read_json(layout.metrics)
+    thresholds = read_json(layout.thresholds)
+    ingest_summary = read_json(layout.ingest_summary)
+    run_log = layout.run_log / "train.json"
+    card = {
+        "labels": thresholds["labels"], "thresholds": thresholds["thresholds"], "metrics": metrics,
+        "params": params.dump(), "data_version": ingest_summary["data_version"],
+        "images": ingest_summary["splits"], "test_set": test_set_digest(layout),
+        "train": {**read_json(layout.train_summary), **(read_json(run_log) if run_log.exists() else {})},
+        "git": git_commit(layout.root),
+    }
+    files = {name: getattr(layout, attr) for name, attr in ARTIFACTS.items()}
+    rescore = champion_rescorer(registry, layout, thresholds["labels"])
+    reg = registry.register(files, card, params.register.min_improvement, rescore)
+    out = {"name": registry.name, "store": params.store.uri, **asdict(reg), "test_map": metrics["test"]["map"]}
+    write_json(layout.registration, out)
+    log.info("%s v%d %s; champion: %s (%s)", registry.name, reg.version,
+             "registered" if reg.created else "already registered", reg.champion, reg.reason)
+    return out
+
+
+def registered_model(registry: Registry, version: int, device: torch.device | str = "cpu"):
+    """(model, metadata) of a registered version, its checksum verified (for re-scoring a
+    champion and for ``train.init_from``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        registry.download_model(version, Path(tmp) / "model.pt")
+        return load_model_file(Path(tmp) / "model.pt", device)
+
+
+def run(params: Params, layout: Layout) -> dict:
+    """The register stage as dvc.yaml runs it."""
+    return register_model(params, layout)

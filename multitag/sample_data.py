@@ -8,7 +8,6 @@ and is labelled with the set of digits present. Nothing is downloaded: ``load_di
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from multitag.config import SampleParams
+from multitag.report import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,6 @@ def write_sample_data(p: SampleParams, out: str | Path | None = None) -> SampleR
         Image.fromarray(img).save(images_dir / name, optimize=False, compress_level=1)
         rows.append((name, " ".join(str(d) for d in present)))
         empty += not present
-    ann = out / "annotations.csv"
-    tmp = ann.with_suffix(".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["image_name", "tags"])
-        w.writerows(rows)
-    tmp.replace(ann)  # annotations last: a half-written sample never looks complete
+    ann = write_csv(out / "annotations.csv", ["image_name", "tags"], rows)  # last: a half-written sample never looks complete
     log.info("wrote %d sample images (%d with no digit) to %s", p.n_images, empty, out)
     return SampleResult(images=p.n_images, empty=empty, annotations=str(ann))

@@ -15,23 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from multitag.config import ConfigError
-
-
-class PreconditionFailed(Exception):
-    """A conditional write lost: the key exists (if_none_match) or changed (if_match)."""
-
-
-class NotFound(LookupError):
-    pass
-
-
-class StoreError(RuntimeError):
-    """A store operation failed; the message names the operation, the location and what to check."""
-
-
-class StoreUnavailable(StoreError, ConnectionError):
-    """The store could not be reached (endpoint down, timeouts, throttling): worth a retry."""
+from multitag.errors import ConfigError, NotFound, PreconditionFailed, StoreError, StoreUnavailable
 
 
 def _check_key(key: str) -> PurePosixPath:

@@ -1,1 +1,1 @@
-"""Prefect tasks: one module per pipeline stage, each running its stage through DVC."""
+"""Prefect tasks: one generic task running any pipeline stage through DVC (stages.py), and DVC itself (dvc.py)."""

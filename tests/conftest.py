@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from multitag.layout import Layout
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -61,6 +63,9 @@ def init_workspace(ws: Path, params: dict | None = None) -> Path:
     and the package sources that dvc.yaml lists as dependencies."""
     ws.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", ws)
+    shutil.copy(ROOT / "lineage.yaml", ws)
+    shutil.copy(ROOT / ".gitignore", ws)
+    shutil.copy(ROOT / ".dvcignore", ws)
     shutil.copytree(ROOT / "multitag", ws / "multitag", ignore=shutil.ignore_patterns("__pycache__"))
     (ws / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
     run(["git", "init", "-q"], ws)
@@ -167,22 +172,32 @@ def stop_process_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: floa
 
 
 @pytest.fixture
-def data(tmp_path):
-    """A tiny learnable dataset: label j is on when channel j's mean is bright."""
+def data(tmp_path) -> Layout:
+    """A workspace holding a tiny learnable dataset, as ingest and labels write it: label j is on
+    when channel j's mean is bright."""
     rng = np.random.default_rng(0)
     n, size = 96, 16
     y = (rng.random((n, 3)) < 0.4).astype(np.uint8)
     x = rng.integers(0, 100, (n, size, size, 3), dtype=np.uint8)
     x[..., :3] += (y[:, None, None, :] * 120).astype(np.uint8)
-    prepared, labels = tmp_path / "prepared", tmp_path / "labels"
-    (prepared / "shards").mkdir(parents=True)
-    labels.mkdir()
+    ws = Layout(tmp_path / "data-ws")
+    ws.shards.mkdir(parents=True)
+    ws.labels.mkdir()
     split = np.array(["train"] * 64 + ["val"] * 16 + ["test"] * 16)
-    np.save(prepared / "shards" / "00000.npy", x[:50])
-    np.save(prepared / "shards" / "00001.npy", x[50:])
-    pd.DataFrame({"id": [f"{i:04d}" for i in range(n)], "split": split, "sha256": [f"{i:064x}" for i in range(n)],
-                  "shard": [0] * 50 + [1] * 46, "offset": list(range(50)) + list(range(46)),
-                  "tags": [[c for c, on in zip("abc", row) if on] for row in y]}).to_parquet(prepared / "manifest.parquet")
-    np.save(labels / "targets.npy", y)
-    (labels / "vocabulary.json").write_text(json.dumps({"labels": ["a", "b", "c"]}))
-    return prepared, labels
+    np.save(ws.shard(0), x[:50])
+    np.save(ws.shard(1), x[50:])
+    pd.DataFrame({"id": [f"{i:04d}" for i in range(n)], "source": [f"{i}.png" for i in range(n)],
+                  "sha256": [f"{i:064x}" for i in range(n)], "split": split,
+                  "tags": [[c for c, on in zip("abc", row) if on] for row in y],
+                  "shard": [0] * 50 + [1] * 46, "offset": list(range(50)) + list(range(46))}).to_parquet(ws.manifest)
+    np.save(ws.targets, y)
+    ws.vocabulary.write_text(json.dumps({"labels": ["a", "b", "c"]}))
+    return ws
+
+
+def copy_data(ws: Layout, root: Path) -> Layout:
+    """Another workspace with the same prepared data and labels (nothing trained yet)."""
+    new = Layout(root)
+    shutil.copytree(ws.prepared, new.prepared)
+    shutil.copytree(ws.labels, new.labels)
+    return new

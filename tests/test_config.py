@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from multitag.config import ConfigError, load_params, parse_params
 from tests.conftest import ROOT
@@ -10,9 +11,12 @@ def test_repo_params_load():
     assert p.train.augment.hflip is False and p.train.augment.vflip is False  # digits must not be mirrored
 
 
-def test_defaults_when_keys_are_absent():
-    p = parse_params({})
-    assert p.train.model == "resnet18" and p.train.schedule == "onecycle" and p.store.uri == "store"
+def test_params_yaml_is_the_documented_copy_of_the_defaults():
+    assert load_params(ROOT / "params.yaml") == parse_params({})
+    defaults = parse_params({}).dump()
+    del defaults["lineage"]
+    defaults["train"]["augment"] = {"preset": defaults["train"]["augment"]["preset"]}  # a preset stands for its keys
+    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == defaults  # every key written out, none extra
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -37,9 +41,10 @@ def test_split_fractions_must_leave_training_data():
         parse_params({"ingest": {"val_fraction": 0.5, "test_fraction": 0.5}})
 
 
-def test_store_uri_env_override(monkeypatch):
-    monkeypatch.setenv("MULTITAG_STORE_URI", "/tmp/elsewhere")
-    assert parse_params({"store": {"uri": "store"}}).store.uri == "/tmp/elsewhere"
+def test_the_store_recorded_in_the_lineage_overrides_store_uri():
+    assert parse_params({"store": {"uri": "store"}}, lineage={"store": "/tmp/elsewhere"}).store.uri == "/tmp/elsewhere"
+    with pytest.raises(ConfigError, match="lineage: unknown key"):
+        parse_params({"lineage": {}})
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -2,20 +2,15 @@
 process per device; on CPU the processes talk over gloo. Two processes here."""
 
 import re
-import shutil
 
 import torch
 import yaml
 
-from tests.conftest import BIN, ROOT, run
+from tests.conftest import BIN, ROOT, copy_data, run
 
 
 def test_two_process_gloo_training_keeps_replicas_in_sync(data, tmp_path):
-    prepared, labels = data
-    ws = tmp_path / "ws"
-    (ws / "data").mkdir(parents=True)
-    shutil.copytree(prepared, ws / "data" / "prepared")
-    shutil.copytree(labels, ws / "data" / "labels")
+    ws = copy_data(data, tmp_path / "ws").root
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(model="simple_cnn", epochs=2, batch_size=8, device="cpu", devices=2)
     (ws / "params.yaml").write_text(yaml.safe_dump(params))

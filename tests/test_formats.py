@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from multitag.config import IngestParams
-from multitag.ingest import IngestError, ingest
+from multitag.errors import IngestError
+from multitag.ingest import ingest
 from multitag.labels import make_labels
+from multitag.layout import Layout
 
 LABELS = {"a.png": ["cat", "dog"], "b.png": ["dog"], "c.png": [], "d.png": ["car", "cat"], "e.png": ["car"]}
 
@@ -110,11 +112,10 @@ def _load(tmp_path, images, kind):
     d.mkdir(parents=True)
     ann, extra = WRITERS[kind](d)
     p = IngestParams(annotations=str(ann), images=str(images), image_size=8, **extra)
-    result = ingest(p, d / "prepared", d / "reports")
-    make_labels(d / "prepared", d / "labels", d / "reports")
-    manifest = pd.read_parquet(d / "prepared" / "manifest.parquet")
-    vocab = json.loads((d / "labels" / "vocabulary.json").read_text())["labels"]
-    return result, manifest, vocab, np.load(d / "labels" / "targets.npy")
+    ws = Layout(d)
+    result = ingest(p, ws)
+    make_labels(ws)
+    return result, pd.read_parquet(ws.manifest), json.loads(ws.vocabulary.read_text())["labels"], np.load(ws.targets)
 
 
 def test_every_format_gives_the_same_manifest_and_targets(tmp_path, images):
@@ -138,22 +139,22 @@ def _csv(tmp_path, rows, **kw):
 
 
 def _issues(tmp_path):
-    with (tmp_path / "r" / "ingest_issues.csv").open() as f:
+    with Layout(tmp_path).ingest_issues.open() as f:
         return {r["image"]: r["reason"] for r in csv.DictReader(f)}
 
 
 def test_fixed_vocabulary_rejects_unknown_labels(tmp_path, images):
     p = _csv(tmp_path, ["a.png,cat dog", "b.png,dog", "d.png,car cat", "e.png,bird"],
              allowed_labels=["car", "cat", "dog"])
-    result = ingest(p, tmp_path / "p", tmp_path / "r")
+    result = ingest(p, Layout(tmp_path))
     assert result.accepted == 3 and "unknown label(s) ['bird']" in _issues(tmp_path)["e.png"]
 
 
 def test_case_and_space_variants(tmp_path, images):
     p = _csv(tmp_path, ["a.png,  cat   dog ", "b.png,Dog"])
-    result = ingest(p, tmp_path / "p", tmp_path / "r")
+    result = ingest(p, Layout(tmp_path))
     assert result.label_warnings == ["labels ['Dog', 'dog'] differ only by case: kept apart (labels are case-sensitive)"]
-    tags = pd.read_parquet(tmp_path / "p" / "manifest.parquet").set_index("source")["tags"].map(list)
+    tags = pd.read_parquet(Layout(tmp_path).manifest).set_index("source")["tags"].map(list)
     assert tags["a.png"] == ["cat", "dog"]  # surrounding spaces never make a new label
     assert tags["b.png"] == ["Dog"]  # labels are case-sensitive: 'Dog' and 'dog' are two labels
 
@@ -161,29 +162,28 @@ def test_case_and_space_variants(tmp_path, images):
 def test_strict_mode_fails_on_any_rejection(tmp_path, images):
     p = _csv(tmp_path, ["a.png,cat", "missing.png,dog", "b.png,dog"], strict=True)
     with pytest.raises(IngestError, match=r"ingest.strict: 1 of 3 records rejected.*line 3 missing.png"):
-        ingest(p, tmp_path / "p", tmp_path / "r")
+        ingest(p, Layout(tmp_path))
     assert "missing.png" in _issues(tmp_path)  # the report is written before failing
 
 
 def test_too_many_rejections_mean_a_wrong_setting(tmp_path, images):
     p = _csv(tmp_path, ["a.png,cat", "x.png,dog", "y.png,dog", "z.png,dog"], max_rejected_fraction=0.5)
     with pytest.raises(IngestError, match=r"3 of 4 records rejected, more than ingest.max_rejected_fraction"):
-        ingest(p, tmp_path / "p", tmp_path / "r")
+        ingest(p, Layout(tmp_path))
 
 
 def test_byte_order_mark_is_accepted(tmp_path, images):
     ann = tmp_path / "bom.csv"
     ann.write_bytes("\ufeffimage_name,tags\na.png,cat\n".encode("utf-8"))
-    result = ingest(IngestParams(annotations=str(ann), images=str(images), image_size=8), tmp_path / "p",
-                    tmp_path / "r")
+    result = ingest(IngestParams(annotations=str(ann), images=str(images), image_size=8), Layout(tmp_path))
     assert result.accepted == 1
 
 
 def test_malformed_json_lines_and_coco_categories(tmp_path, images):
     (tmp_path / "a.jsonl").write_text('{"image": "a.png", "labels": ["cat"]}\n{not json\n{"labels": ["x"]}\n')
     ingest(IngestParams(annotations=str(tmp_path / "a.jsonl"), images=str(images), image_size=8,
-                        max_rejected_fraction=1), tmp_path / "p", tmp_path / "r")
-    with (tmp_path / "r" / "ingest_issues.csv").open() as f:
+                        max_rejected_fraction=1), Layout(tmp_path))
+    with Layout(tmp_path).ingest_issues.open() as f:
         reasons = {r["record"]: r["reason"] for r in csv.DictReader(f)}
     assert "malformed JSON record" in reasons["line 2"] and "no image field" in reasons["line 3"]
 
@@ -191,12 +191,12 @@ def test_malformed_json_lines_and_coco_categories(tmp_path, images):
             "annotations": [{"image_id": 1, "category_id": 5}], "categories": [{"id": 4, "name": "cat"}]}
     (tmp_path / "c.json").write_text(json.dumps(coco))
     ingest(IngestParams(annotations=str(tmp_path / "c.json"), images=str(images), image_size=8,
-                        max_rejected_fraction=1), tmp_path / "p2", tmp_path / "r2")
-    with (tmp_path / "r2" / "ingest_issues.csv").open() as f:
+                        max_rejected_fraction=1), Layout(tmp_path / "2"))
+    with Layout(tmp_path / "2").ingest_issues.open() as f:
         assert "unknown category_id 5" in next(csv.DictReader(f))["reason"]
     with pytest.raises(IngestError, match="not a COCO instances file"):
         (tmp_path / "bad.json").write_text('{"images": []}')
-        ingest(IngestParams(annotations=str(tmp_path / "bad.json"), images=str(images)), tmp_path / "p3")
+        ingest(IngestParams(annotations=str(tmp_path / "bad.json"), images=str(images)), Layout(tmp_path / "3"))
 
 
 def test_images_on_s3(tmp_path, images, s3_bucket):
@@ -210,7 +210,7 @@ def test_images_on_s3(tmp_path, images, s3_bucket):
     with ann.open("a") as f:
         f.write("gone.png,cat\n")
     p = IngestParams(annotations=str(ann), images=f"s3://{s3_bucket}/photos", image_size=8)
-    result = ingest(p, tmp_path / "p", tmp_path / "r")
-    remote = pd.read_parquet(tmp_path / "p" / "manifest.parquet")
+    result = ingest(p, Layout(tmp_path))
+    remote = pd.read_parquet(Layout(tmp_path).manifest)
     assert remote["sha256"].tolist() == local["sha256"].tolist() and result.rejected == 1
     assert f"image not found: s3://{s3_bucket}/photos/gone.png" in _issues(tmp_path)["gone.png"]

@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from multitag.config import IngestParams
-from multitag.images import RecordError, decode
+from multitag.errors import RecordError
+from multitag.images import decode
 from multitag.ingest import ingest
+from multitag.layout import Layout
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -71,15 +73,15 @@ def test_every_kind_of_image_file(tmp_path):
         w.writerow(["image_name", "tags"])
         w.writerows((name, "x") for name in CASES)
     p = IngestParams(annotations=str(ann), images=str(images), image_size=16)
-    result = ingest(p, tmp_path / "p", tmp_path / "r")
-    with (tmp_path / "r" / "ingest_issues.csv").open() as f:
+    result = ingest(p, Layout(tmp_path))
+    with Layout(tmp_path).ingest_issues.open() as f:
         issues = {r["image"]: r["reason"] for r in csv.DictReader(f)}
     rejected = {n: words for n, (_, words) in CASES.items() if words}
     assert _save(_rgb(5), "PNG") != CASES["plain_resaved.png"][0]  # different bytes, same pixels
     assert set(issues) == set(rejected)
     for name, words in rejected.items():
         assert words in issues[name], (name, issues[name])
-    kept = set(pd.read_parquet(tmp_path / "p" / "manifest.parquet")["source"])
+    kept = set(pd.read_parquet(Layout(tmp_path).manifest)["source"])
     assert kept == set(CASES) - set(rejected) and result.accepted == len(kept)
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from multitag.config import parse_params
 from multitag.inbox import LEDGER, READY, REPORT, BatchRejected, Inbox, RawData, read_batch
 from multitag.registry import Registry
-from multitag.retrain import commit_message, plan, save_state, state_path, take_in, update_params
+from multitag.lineage import commit_message, plan, save_state, state_path, take_in, update_params
 from multitag.storage import open_store
 from tests.conftest import ROOT, tiny_params
 from tests.test_registry import _card, _model_file

@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -8,7 +9,9 @@ import pytest
 from PIL import Image
 
 from multitag.config import IngestParams
-from multitag.ingest import IngestError, ingest
+from multitag.errors import IngestError
+from multitag.ingest import ingest
+from multitag.layout import Layout
 
 
 def _png(seed: int, size=(40, 30)) -> bytes:
@@ -47,14 +50,15 @@ def messy(tmp_path):
                         max_rejected_fraction=1.0)
 
 
-def _report(reports):
-    with (reports / "ingest_issues.csv").open(newline="") as f:
+def _report(ws):
+    with ws.ingest_issues.open(newline="") as f:
         return {int(r["record"].removeprefix("line ")): (r["image"], r["reason"]) for r in csv.DictReader(f)}
 
 
 def test_bad_records_are_reported_and_valid_ones_kept(messy, tmp_path):
-    result = ingest(messy, tmp_path / "prepared", tmp_path / "reports")
-    issues = _report(tmp_path / "reports")
+    ws = Layout(tmp_path / "ws")
+    result = ingest(messy, ws)
+    issues = _report(ws)
     expect = {  # row in the file -> words the reason must contain
         8: "not found", 9: "corrupt or truncated", 10: "not a readable image", 11: "zero-byte",
         12: "duplicate of line 2", 13: "duplicate of line 3", 14: "outside the image folder",
@@ -65,27 +69,28 @@ def test_bad_records_are_reported_and_valid_ones_kept(messy, tmp_path):
         assert words in issues[row][1], (row, issues[row])
     assert "conflicting labels" in issues[13][1] and "same labels" in issues[12][1]
 
-    manifest = pd.read_parquet(tmp_path / "prepared" / "manifest.parquet")
+    manifest = pd.read_parquet(ws.manifest)
     assert sorted(manifest["source"]) == [f"ok{i}.png" for i in range(6)]
     tags = dict(zip(manifest["source"], manifest["tags"].map(list)))
     assert tags["ok2.png"] == []                       # untagged: kept as a negative
     assert tags["ok3.png"] == ["car", "cat"]           # whitespace trimmed, sorted
     assert result.accepted == 6 and result.rejected == 10 and result.negatives == 1
     assert set(manifest["split"]) <= {"train", "val", "test"}
-    shards = sorted((tmp_path / "prepared" / "shards").glob("*.npy"))
+    shards = sorted(ws.shards.glob("*.npy"))
     assert len(shards) == 2  # shard_size 4
     arr = np.load(shards[0])
     assert arr.dtype == np.uint8 and arr.shape[1:] == (16, 16, 3)
-    summary = json.loads((tmp_path / "reports" / "ingest.json").read_text())
+    summary = json.loads(ws.ingest_summary.read_text())
     assert summary["rejected"] == 10 and summary["splits"] == result.splits
 
 
 def test_pixels_match_manifest_rows(messy, tmp_path):
-    ingest(messy, tmp_path / "prepared", tmp_path / "reports")
-    manifest = pd.read_parquet(tmp_path / "prepared" / "manifest.parquet")
+    ws = Layout(tmp_path / "ws")
+    ingest(messy, ws)
+    manifest = pd.read_parquet(ws.manifest)
     from multitag.images import decode
     for _, r in manifest.iterrows():
-        shard = np.load(tmp_path / "prepared" / "shards" / f"{r['shard']:05d}.npy")
+        shard = np.load(ws.shard(r["shard"]))
         expected = decode((tmp_path / "images" / r["source"]).read_bytes(), 16)
         np.testing.assert_array_equal(shard[r["offset"]], expected)
 
@@ -99,29 +104,30 @@ def test_unusable_annotation_files_fail_with_a_clear_message(tmp_path, content, 
     ann = tmp_path / "a.csv"
     ann.write_text(content)
     with pytest.raises(IngestError, match=match):
-        ingest(IngestParams(annotations=str(ann), images=str(tmp_path)), tmp_path / "p", tmp_path / "r")
+        ingest(IngestParams(annotations=str(ann), images=str(tmp_path)), Layout(tmp_path / "ws"))
 
 
 def test_missing_annotations_and_non_utf8(tmp_path):
     with pytest.raises(IngestError, match="annotations file not found"):
-        ingest(IngestParams(annotations=str(tmp_path / "nope.csv"), images=str(tmp_path)), tmp_path / "p")
+        ingest(IngestParams(annotations=str(tmp_path / "nope.csv"), images=str(tmp_path)), Layout(tmp_path / "ws"))
     ann = tmp_path / "latin1.csv"
     ann.write_bytes("image_name,tags\ncaf\xe9.png,x\n".encode("latin-1"))
     with pytest.raises(IngestError, match="not UTF-8"):
-        ingest(IngestParams(annotations=str(ann), images=str(tmp_path)), tmp_path / "p")
+        ingest(IngestParams(annotations=str(ann), images=str(tmp_path)), Layout(tmp_path / "ws"))
 
 
 def test_nothing_usable_is_an_error(tmp_path):
     ann = tmp_path / "a.csv"
     ann.write_text("image_name,tags\nmissing.png,x\n")
     with pytest.raises(IngestError, match="none of the 1 records is usable"):
-        ingest(IngestParams(annotations=str(ann), images=str(tmp_path)), tmp_path / "p", tmp_path / "r")
+        ingest(IngestParams(annotations=str(ann), images=str(tmp_path)), Layout(tmp_path / "ws"))
 
 
-def test_reingest_reuses_decoded_images(messy, tmp_path, monkeypatch):
-    p = messy.model_copy(update={"cache": str(tmp_path / "cache")})
-    first = ingest(p, tmp_path / "p1", tmp_path / "r1")
-    assert first.from_cache == 2  # the two rows repeating an image's content: decoded once
+def test_reingest_reuses_decoded_images_and_writes_identical_outputs(messy, tmp_path, monkeypatch):
+    first, second = Layout(tmp_path / "ws1"), Layout(tmp_path / "ws2")
+    ingest(messy, first)
+    second.decode_cache.parent.mkdir(parents=True)
+    shutil.copytree(first.decode_cache, second.decode_cache)  # the same cache: nothing to decode again
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("an already ingested image was decoded again")
@@ -129,30 +135,21 @@ def test_reingest_reuses_decoded_images(messy, tmp_path, monkeypatch):
     bad = tmp_path / "images" / "truncated.png"
     bad.unlink()  # the failing files are never cached: keep the rest of the run decode-free
     (tmp_path / "images" / "text.jpg").unlink()
-    second = ingest(p, tmp_path / "p2", tmp_path / "r2")
-    assert second.from_cache == first.accepted + 2  # + the duplicate copies, same content
-    for a, b in zip(sorted((tmp_path / "p1" / "shards").glob("*.npy")), sorted((tmp_path / "p2" / "shards").glob("*.npy"))):
-        np.testing.assert_array_equal(np.load(a), np.load(b))
+    ingest(messy, second)
+    files = sorted(p.relative_to(first.prepared) for p in first.prepared.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second.prepared) for p in second.prepared.rglob("*") if p.is_file())
+    for f in files:  # outputs are a function of the inputs: no trace of the cache, the time or the folder
+        assert (first.prepared / f).read_bytes() == (second.prepared / f).read_bytes(), f
 
 
-def test_an_unchanged_ingest_does_nothing_and_a_changed_image_is_seen(messy, tmp_path, caplog):
-    import logging
+def test_outputs_do_not_depend_on_file_times(messy, tmp_path):
     import os
 
-    from multitag.ingest import INPUT_KEY, MANIFEST
-
-    out, reports = tmp_path / "prepared", tmp_path / "reports"
-    first = ingest(messy, out, reports)
-    manifest_mtime = (out / MANIFEST).stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="multitag.ingest"):
-        again = ingest(messy, out, reports)
-    assert again == first and "unchanged since the last ingest" in caplog.text
-    assert (out / MANIFEST).stat().st_mtime_ns == manifest_mtime  # nothing rewritten
-
-    ok1 = tmp_path / "images" / "ok1.png"  # new content under the same name (and a newer mtime)
-    ok1.write_bytes(_png(123))
-    os.utime(ok1, ns=(ok1.stat().st_atime_ns, ok1.stat().st_mtime_ns + 10**9))
-    changed = ingest(messy, out, reports)
-    assert changed.data_version != first.data_version and (out / INPUT_KEY).is_file()
-    ingest(messy.model_copy(update={"image_size": 8}), out, reports)  # other params: ingested again
-    assert np.load(out / "shards" / "00000.npy").shape[1:] == (8, 8, 3)
+    a, b = Layout(tmp_path / "a"), Layout(tmp_path / "b")
+    ingest(messy, a, cache=False)
+    for f in (tmp_path / "images").iterdir():
+        if not f.is_symlink():
+            os.utime(f, ns=(10**18, 10**18))
+    ingest(messy, b, cache=False)
+    assert a.manifest.read_bytes() == b.manifest.read_bytes()
+    assert a.ingest_summary.read_bytes() == b.ingest_summary.read_bytes()

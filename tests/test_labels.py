@@ -4,13 +4,11 @@ import numpy as np
 import pandas as pd
 
 from multitag.labels import build_vocabulary, label_stats, make_labels, multi_hot
+from multitag.layout import Layout
 
 
-def test_vocabulary_sorted_then_append_only():
-    v1 = build_vocabulary([["dog", "cat"], [], ["car"]])
-    assert v1 == ["car", "cat", "dog"]
-    v2 = build_vocabulary([["ant"], ["dog"], ["zebra"]], previous=v1)
-    assert v2 == ["car", "cat", "dog", "ant", "zebra"]  # old indices keep their meaning
+def test_vocabulary_is_the_sorted_set_of_labels():
+    assert build_vocabulary([["dog", "cat"], [], ["car"], ["dog"]]) == ["car", "cat", "dog"]
 
 
 def test_multi_hot_and_stats():
@@ -25,16 +23,13 @@ def test_multi_hot_and_stats():
     assert s["cooccurrence"][0][1] == 2 and s["cooccurrence"][1][1] == 3 and s["cooccurrence"][0][2] == 1
 
 
-def test_make_labels_appends_to_existing_vocabulary(tmp_path):
-    prepared = tmp_path / "prepared"
-    prepared.mkdir()
-    pd.DataFrame({"tags": [["b"], [], ["a", "c"]], "split": ["train", "val", "test"]}).to_parquet(
-        prepared / "manifest.parquet")
-    out = tmp_path / "labels"
-    out.mkdir()
-    (out / "vocabulary.json").write_text(json.dumps({"labels": ["c", "z"]}))
-    result = make_labels(prepared, out, tmp_path / "reports")
-    assert json.loads((out / "vocabulary.json").read_text())["labels"] == ["c", "z", "a", "b"]
-    assert result.new_labels == ["a", "b"]
-    np.testing.assert_array_equal(np.load(out / "targets.npy"), [[0, 0, 0, 1], [0, 0, 0, 0], [1, 0, 1, 0]])
-    assert (tmp_path / "reports" / "plots" / "label_stats.png").stat().st_size > 0
+def test_make_labels_follows_the_data_alone(tmp_path):
+    ws = Layout(tmp_path)
+    ws.prepared.mkdir(parents=True)
+    pd.DataFrame({"tags": [["b"], [], ["a", "c"]], "split": ["train", "val", "test"]}).to_parquet(ws.manifest)
+    ws.labels.mkdir()
+    ws.vocabulary.write_text(json.dumps({"labels": ["c", "z"]}))  # a previous data set's: not kept
+    result = make_labels(ws)
+    assert json.loads(ws.vocabulary.read_text())["labels"] == ["a", "b", "c"] and result.labels == 3
+    np.testing.assert_array_equal(np.load(ws.targets), [[0, 1, 0], [0, 0, 0], [1, 0, 1]])
+    assert ws.label_stats_plot.stat().st_size > 0

@@ -21,16 +21,31 @@ pytestmark = pytest.mark.slow
 STAGES = ["sample", "ingest", "labels", "train", "evaluate", "register"]
 
 
-def test_dvc_repro_twice_runs_nothing_the_second_time(workspace):
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_fresh_clones_reproduce_the_committed_run_byte_for_byte(workspace, tmp_path):
+    """`dvc repro` twice (the second runs nothing), commit; then two clones on other paths run the
+    pipeline as `make demo` does: nothing in git changes, data/prepared and dvc.lock are identical."""
     first = run([str(BIN / "dvc"), "repro"], workspace)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
-    assert (workspace / "dvc.lock").exists()
     second = run([str(BIN / "dvc"), "repro"], workspace)
-    assert "Running stage" not in second.stdout, second.stdout
-    assert "Data and pipelines are up to date" in second.stdout
-    status = run([str(BIN / "dvc"), "status"], workspace)
-    assert "up to date" in status.stdout
+    assert "Running stage" not in second.stdout and "Data and pipelines are up to date" in second.stdout
+    run(["git", "add", "-A"], workspace)
+    run(["git", "commit", "-qm", "pipeline run"], workspace)
+    assert run(["git", "status", "--porcelain"], workspace).stdout == ""
+    for name in ("clone", "elsewhere/deeper/clone"):
+        clone = tmp_path / name
+        clone.parent.mkdir(parents=True, exist_ok=True)
+        run(["git", "clone", "-q", str(workspace), str(clone)], tmp_path)
+        out = run([str(BIN / "multitag"), "run"], clone).stdout
+        assert "stages run               ingest, labels, train, evaluate, register" in out
+        assert run(["git", "status", "--porcelain"], clone).stdout == ""  # dvc.lock, lineage.yaml unchanged
+        assert (clone / "dvc.lock").read_bytes() == (workspace / "dvc.lock").read_bytes()
+        assert _files(clone / "data/prepared") == _files(workspace / "data/prepared")
+        assert (clone / "models/model.pt").read_bytes() == (workspace / "models/model.pt").read_bytes()
 
 
 def _user_data_with_bad_records(ws):
@@ -72,6 +87,7 @@ def test_flow_runs_every_stage_registers_and_predicts(workspace):
     assert set(metrics["test"]) >= {"map", "micro_f1", "macro_f1", "hamming_loss", "subset_accuracy"}
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"ingest", "labels", "train", "evaluate", "register"}
+    assert not (workspace / "data/.gitignore").exists()  # outputs are ignored by the workspace's .gitignore
 
     registry = Registry(LocalStore(workspace / "store"), "multitag")
     card = registry.card(1)

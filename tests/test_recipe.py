@@ -9,7 +9,9 @@ from multitag.config import AugmentParams, TrainParams, parse_params
 from multitag.losses import AsymmetricLoss, FocalLoss, ModelEma, make_loss, pos_weight_for
 from multitag.metrics import tune_thresholds
 from multitag.models import build_model, predict_scores
-from multitag.train import augment, head_parameters, train
+from multitag.augment import augment
+from multitag.train import head_parameters, train
+from tests.conftest import copy_data
 from tests.test_train import _params
 
 
@@ -89,7 +91,7 @@ def test_threshold_targets():
 
 def test_augment_presets_and_tensor_ops():
     a = AugmentParams(preset="photos", cutout=0.5)
-    assert (a.hflip, a.crop_scale, a.color_jitter, a.cutout) == (True, (0.5, 1.0), 0.2, 0.5)
+    assert (a.hflip, a.crop_scale, a.color_jitter, a.cutout) == (True, [0.5, 1.0], 0.2, 0.5)
     assert AugmentParams(preset="none").random_resized_crop is False
     with pytest.raises(Exception, match="train.augment.preset"):
         parse_params({"train": {"augment": {"preset": "wild"}}})
@@ -103,12 +105,11 @@ def test_augment_presets_and_tensor_ops():
     assert all(0 < c.sum() <= 16 for c in changed)
 
 
-def test_frozen_backbone_trains_only_the_head(data, tmp_path):
-    prepared, labels = data
+def test_frozen_backbone_trains_only_the_head(data):
     torch.manual_seed(0)
     before = build_model("simple_cnn", 3, 16).state_dict()
-    train(_params(epochs=1, freeze_epochs=1), prepared, labels, tmp_path / "m", tmp_path / "r")
-    after = torch.load(tmp_path / "m" / "model.pt", weights_only=True)["state_dict"]
+    train(_params(epochs=1, freeze_epochs=1), data)
+    after = torch.load(data.model, weights_only=True)["state_dict"]
     head = {k for k in after if k.startswith("backbone.classifier.") and k.rsplit(".", 1)[-1] in ("weight", "bias")
             and after[k].ndim <= 2 and after[k].shape[0] == 3}
     assert head and all(not torch.equal(before[k], after[k]) for k in head)
@@ -118,19 +119,17 @@ def test_frozen_backbone_trains_only_the_head(data, tmp_path):
 
 
 def test_ema_training_records_both_and_resumes_exactly(data, tmp_path):
-    prepared, labels = data
     p = _params(epochs=3, ema_decay=0.9, loss="asl")
     torch.set_num_threads(1)
-    train(p, prepared, labels, tmp_path / "full", tmp_path / "r1")
-    train(p, prepared, labels, tmp_path / "cut", tmp_path / "r2", stop_after_epochs=2)
-    train(p, prepared, labels, tmp_path / "cut", tmp_path / "r2")
-    history = (tmp_path / "r1" / "train_history.csv").read_text().splitlines()
+    cut = copy_data(data, tmp_path / "cut")
+    train(p, data)
+    train(p, cut, stop_after_epochs=2)
+    train(p, cut)
+    history = data.train_history.read_text().splitlines()
     rows = [dict(zip(history[0].split(","), line.split(","))) for line in history[1:]]
     assert all(r["val_map_ema"] and r["kept"] in ("raw", "ema") for r in rows)
     assert all(float(r["val_map"]) == max(float(r["val_map_raw"]), float(r["val_map_ema"])) for r in rows)
-    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert data.model.read_bytes() == cut.model.read_bytes()
 
 
 def test_test_time_flip_averages_the_mirror():
@@ -139,36 +138,33 @@ def test_test_time_flip_averages_the_mirror():
     x = torch.randint(0, 255, (4, 8, 8, 3), dtype=torch.uint8)
     plain = predict_scores(model, x, torch.device("cpu"))
     mirrored = predict_scores(model, x.flip(2), torch.device("cpu"))
-    model.tta = "hflip"
-    both = predict_scores(model, x, torch.device("cpu"))
+    both = predict_scores(model, x, torch.device("cpu"), tta="hflip")
     assert np.allclose(both, (plain + mirrored) / 2, atol=1e-6)
 
 
-def test_compiled_training_saves_a_plain_model(data, tmp_path):
+def test_compiled_training_saves_a_plain_model(data):
     from multitag.models import load_model_file
 
-    prepared, labels = data
-    result = train(_params(epochs=1, compile=True), prepared, labels, tmp_path / "m", tmp_path / "r")
-    model, meta = load_model_file(tmp_path / "m" / "model.pt")  # no torch.compile prefixes in the keys
+    result = train(_params(epochs=1, compile=True), data)
+    model, meta = load_model_file(data.model)  # no torch.compile prefixes in the keys
     assert result.epochs_run == 1 and meta["params"]["compile"] is True
 
 
 def test_dataloader_workers_reading_the_shards_train_the_same_weights(data, tmp_path):
-    prepared, labels = data
     torch.set_num_threads(1)
-    for workers in (0, 2):
-        train(_params(epochs=2, workers=workers), prepared, labels, tmp_path / f"w{workers}", tmp_path / "r")
-    a = torch.load(tmp_path / "w0" / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "w2" / "model.pt", weights_only=True)["state_dict"]
+    workers = copy_data(data, tmp_path / "w2")
+    train(_params(epochs=2), data)
+    train(_params(epochs=2, workers=2), workers)
+    a = torch.load(data.model, weights_only=True)["state_dict"]
+    b = torch.load(workers.model, weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # same batches in the same order, only read differently
 
 
 def test_shard_split_gathers_like_the_in_memory_split(data):
-    from multitag.train import ShardSplit, load_split
+    from multitag.layout import ShardSplit, load_split
 
-    prepared, labels = data
-    memory, y, _ = load_split(prepared, labels, "train")
-    shards, y2, _ = load_split(prepared, labels, "train", in_memory=False)
+    memory, y, _ = load_split(data, "train")
+    shards, y2, _ = load_split(data, "train", in_memory=False)
     assert isinstance(shards, ShardSplit) and len(shards) == len(memory) and shards.shape == tuple(memory.shape)
     idx = torch.tensor([63, 0, 49, 50, 7])  # across the two shard files, out of order
     assert torch.equal(shards[idx], memory[idx]) and torch.equal(y, y2)

@@ -6,7 +6,8 @@ import torch
 
 from multitag.models import build_model, save_model_file
 from multitag.registry import CHAMPION, Registry
-from multitag.storage import NotFound, open_store
+from multitag.errors import NotFound
+from multitag.storage import open_store
 
 
 def _model_file(path, seed: int):

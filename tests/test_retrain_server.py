@@ -192,7 +192,7 @@ def test_retrain_killed_mid_training_then_rerun_ends_as_an_uninterrupted_run(pre
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cmd, cwd=killed, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env})
-    checkpoint = killed / "models/checkpoints/last.pt"
+    checkpoint = killed / ".multitag/checkpoints/last.pt"
     wait_for(lambda: checkpoint.exists() or proc.poll() is not None, 300, "the first training checkpoint", 0.1)
     stop_process_group(proc, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
@@ -201,12 +201,12 @@ def test_retrain_killed_mid_training_then_rerun_ends_as_an_uninterrupted_run(pre
 
     rerun = run(cmd, killed, env=env)
     assert "training from scratch: no champion yet; v1" in rerun.stdout
-    assert json.loads((killed / "reports/train.json").read_text())["resumed_from_epoch"] >= 1
+    assert json.loads((killed / ".multitag/runs/train.json").read_text())["resumed_from_epoch"] >= 1
 
     whole = retrain_workspace(tmp_path / "whole", sample=sample, train=train)
     add_sample_batch(whole, env)
     run(cmd, whole, env=env)
-    assert json.loads((whole / "reports/train.json").read_text())["resumed_from_epoch"] == 0
+    assert json.loads((whole / ".multitag/runs/train.json").read_text())["resumed_from_epoch"] == 0
     state = _end_state(killed)
     assert state == _end_state(whole)
     assert len(state["ledger"]) == 1 and len(state["versions"]) == 1 and state["inbox"] == []

@@ -13,8 +13,7 @@ from tests.conftest import BIN, SECRET, run, tiny_params
 
 pytestmark = pytest.mark.slow
 
-DVC_TRACKED = ["data/sample", "data/prepared", "data/labels/targets.npy", "data/labels/vocabulary.json",
-               "models/model.pt"]
+DVC_TRACKED = ["data/sample", "data/prepared", "data/labels", "models/model.pt", "reports"]
 
 
 def _digest(path: Path) -> str:
@@ -67,6 +66,7 @@ def test_pipeline_on_s3_registry_predict_and_dvc_pull(workspace, s3_bucket, tmp_
     run([str(BIN / "dvc"), "pull"], clone)
     for path in DVC_TRACKED:
         assert _digest(clone / path) == _digest(workspace / path), path
+    assert "up to date" in run([str(BIN / "dvc"), "status"], clone).stdout
 
     # the secret credential appears in nothing the run wrote
     written = [output.encode(), (workspace / ".dvc/config").read_bytes()]

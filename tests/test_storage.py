@@ -4,10 +4,11 @@ remote store can do wrong: a missing bucket, an endpoint that is down or goes aw
 import pytest
 import torch
 
-from multitag.cli import is_transient
+from multitag.errors import is_transient
 from multitag.models import build_model, save_model_file
 from multitag.registry import Registry
-from multitag.storage import NotFound, PreconditionFailed, S3Store, StoreError, StoreUnavailable, open_store
+from multitag.errors import NotFound, PreconditionFailed, StoreError, StoreUnavailable
+from multitag.storage import S3Store, open_store
 from tests.conftest import free_port
 from tests.tcp_proxy import TcpProxy
 

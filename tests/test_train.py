@@ -1,10 +1,14 @@
+import json
+
 import pytest
 import torch
 
+from multitag.augment import augment
 from multitag.config import AugmentParams, TrainParams
-from multitag.models import build_model, load_model_file, save_model_file
 from multitag.losses import pos_weight_for
-from multitag.train import CHECKPOINT, MODEL_FILE, augment, train
+from multitag.models import build_model, load_model_file, save_model_file
+from multitag.train import train
+from tests.conftest import copy_data
 
 
 def _params(**kw):
@@ -12,39 +16,37 @@ def _params(**kw):
                           "device": "cpu", **kw})
 
 
-def test_training_learns_and_writes_a_self_describing_model(data, tmp_path):
-    prepared, labels = data
-    result = train(_params(), prepared, labels, tmp_path / "models", tmp_path / "reports")
+def test_training_learns_and_writes_a_self_describing_model(data):
+    result = train(_params(), data)
     assert result.epochs_run == 4 and result.best_val_map > 0.8
-    model, meta = load_model_file(tmp_path / "models" / MODEL_FILE)
+    model, meta = load_model_file(data.model)
     assert meta["labels"] == ["a", "b", "c"] and meta["image_size"] == 16 and meta["arch"] == "simple_cnn"
-    assert meta["params"]["epochs"] == 4
-    history = (tmp_path / "reports" / "train_history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,val_map,val_map_raw,val_map_ema,kept,lr,seconds" and len(history) == 5
+    assert meta["params"]["epochs"] == 4 and meta["tta"] == "none"
+    history = data.train_history.read_text().splitlines()
+    assert history[0] == "epoch,train_loss,val_map,val_map_raw,val_map_ema,kept,lr" and len(history) == 5
+    timing = json.loads((data.run_log / "train.json").read_text())
+    assert timing["device"] == "cpu" and len(timing["epoch_seconds"]) == 4 and timing["resumed_from_epoch"] == 0
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
-    prepared, labels = data
     p = _params(model="compact_cnn", epochs=3, batch_size=16)  # it has dropout: the global RNG must resume too
     torch.set_num_threads(1)  # bitwise-repeatable CPU kernels
-    train(p, prepared, labels, tmp_path / "full", tmp_path / "r1")
-    cut = train(p, prepared, labels, tmp_path / "cut", tmp_path / "r2", stop_after_epochs=1)
-    assert cut.epochs_run == 1 and (tmp_path / "cut" / CHECKPOINT).exists()
-    resumed = train(p, prepared, labels, tmp_path / "cut", tmp_path / "r2")
-    assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == 3
-    for file, entry in ((MODEL_FILE, "state_dict"), (CHECKPOINT, "model")):  # best and last weights
-        a = torch.load(tmp_path / "full" / file, weights_only=True)[entry]
-        b = torch.load(tmp_path / "cut" / file, weights_only=True)[entry]
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (file, k)
+    train(p, data)
+    cut_ws = copy_data(data, tmp_path / "cut")
+    cut = train(p, cut_ws, stop_after_epochs=1)
+    assert cut.epochs_run == 1 and cut_ws.checkpoint.exists()
+    resumed = train(p, cut_ws)
+    assert resumed.epochs_run == 3
+    assert json.loads((cut_ws.run_log / "train.json").read_text())["resumed_from_epoch"] == 1
+    assert data.model.read_bytes() == cut_ws.model.read_bytes()  # best weights and metadata, byte for byte
+    last, last_cut = (torch.load(w.checkpoint, weights_only=True)["model"] for w in (data, cut_ws))
+    assert last.keys() == last_cut.keys() and all(torch.equal(last[k], last_cut[k]) for k in last)
 
 
-def test_checkpoint_of_other_params_is_not_resumed(data, tmp_path):
-    prepared, labels = data
-    train(_params(), prepared, labels, tmp_path / "m", tmp_path / "r", stop_after_epochs=1)
-    result = train(_params(lr=0.001), prepared, labels, tmp_path / "m", tmp_path / "r")
-    assert result.resumed_from_epoch == 0
+def test_checkpoint_of_other_params_is_not_resumed(data):
+    train(_params(), data, stop_after_epochs=1)
+    train(_params(lr=0.001), data)
+    assert json.loads((data.run_log / "train.json").read_text())["resumed_from_epoch"] == 0
 
 
 def test_pretrained_weights_load_from_a_local_file(tmp_path):
@@ -62,7 +64,7 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
 def test_augment_keeps_shape_and_identity_when_off():
     x = torch.rand(4, 3, 16, 16)
     g = torch.Generator().manual_seed(0)
-    assert augment(x, AugmentParams(random_resized_crop=False), g) is x
+    assert augment(x, AugmentParams(preset="none"), g) is x
     y = augment(x, AugmentParams(hflip=True), g)
     assert y.shape == x.shape and not torch.equal(x, y)
 

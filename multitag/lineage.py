@@ -22,10 +22,11 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 from multitag.config import Params
-from multitag.inbox import (ANNOTATIONS, IMAGES, REPORT, BatchRejected, Inbox, RawData, read_batch, summary,
-                            write_atomic)
-from multitag.labels import VOCABULARY, build_vocabulary
+from multitag.inbox import ANNOTATIONS, IMAGES, REPORT, BatchRejected, Inbox, RawData, read_batch, summary
+from multitag.labels import build_vocabulary
+from multitag.layout import Layout
 from multitag.registry import CHAMPION, Registry
+from multitag.report import write_atomic
 from multitag.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,7 @@ def plan(params: Params, workspace: Path, force: bool = False) -> dict:
         return out
     version = champion[0]["version"]
     out.update(champion=version, champion_map=champion[0]["test_map"])
-    vocab_file = workspace / "data" / "labels" / VOCABULARY
-    previous = json.loads(vocab_file.read_text())["labels"] if vocab_file.exists() else None
-    vocabulary = build_vocabulary((r["labels"] for r in raw.fold(ledger).values()), previous)
+    vocabulary = build_vocabulary(r["labels"] for r in raw.fold(ledger).values())
     champion_labels = registry.card(version)["labels"]
     if vocabulary == champion_labels:
         out.update(init_from=version, reason=f"fine-tuning from champion v{version} (label vocabulary unchanged)")

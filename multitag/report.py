@@ -1,0 +1,62 @@
+"""Small writers every stage shares: files written whole or not at all, JSON and CSV reports, and
+markdown tables for model cards and Prefect artifacts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write ``path`` whole or not at all: a temporary file beside it, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return write_atomic(path, text.getvalue())
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put a fully written folder ``tmp`` in place of ``final``."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "" if v != v else f"{v:.4f}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: Sequence[Sequence], header: Sequence[str] | None = None) -> str:
+    """A markdown table; without ``header``, a two-column key/value table."""
+    header = header or ("", "")
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

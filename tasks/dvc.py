@@ -1,0 +1,100 @@
+"""Running DVC from Prefect tasks: a stage through `dvc repro` (DVC decides whether it is up to date,
+skips it if so, and records the run in dvc.lock), `dvc add`, `dvc push`; DVC's output streams into
+the task's Prefect log with secrets masked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from prefect import get_run_logger, task
+
+from multitag.errors import EXIT_TRANSIENT, StageFailed, StoreUnavailable, TransientStageError
+from multitag.layout import STAGE_OUTPUTS
+from multitag.redact import redact
+from multitag.telemetry import quiet_env
+
+
+def retry_transient_only(task, task_run, state) -> bool:
+    """Prefect retry_condition_fn: retry a task only when it failed on transient I/O (its stage
+    exited with EXIT_TRANSIENT, or the store was unreachable)."""
+    try:
+        state.result()
+    except (TransientStageError, StoreUnavailable):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def stage_env() -> dict:
+    """The environment for DVC and the stage commands it starts: this interpreter's scripts first on
+    PATH (so dvc.yaml's `multitag ...` is this install), analytics off."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**quiet_env(), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
+
+
+def run_dvc(args: list[str], workdir: str) -> tuple[int, list[str]]:
+    """Run ``dvc <args>`` in ``workdir``, streaming its output (secrets masked) into the Prefect log."""
+    logger = get_run_logger()
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=stage_env())
+    lines = []
+    for line in proc.stdout:
+        line = redact(line.rstrip())
+        if line:
+            lines.append(line)
+            logger.info(line)
+    return proc.wait(), lines
+
+
+def locked(workdir: str | Path, stage: str) -> dict | None:
+    """The stage's entry in dvc.lock (what DVC recorded of its last run), or None."""
+    lock = Path(workdir) / "dvc.lock"
+    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage) if lock.exists() else None
+
+
+def _outputs_present(workdir: str | Path, stage: str) -> bool:
+    root = Path(workdir)
+    return all((root / out).exists() for kind in STAGE_OUTPUTS[stage].values() for out in kind if "$" not in out)
+
+
+def run_stage(stage: str, workdir: str, with_upstream: bool = False) -> bool:
+    """`dvc repro` one stage in ``workdir`` (with the stages it depends on if ``with_upstream``).
+    Returns whether the stage ran: its dvc.lock entry changed, or its outputs had to be made again."""
+    before, present = locked(workdir, stage), _outputs_present(workdir, stage)
+    code, lines = run_dvc(["repro", *([] if with_upstream else ["--single-item"]), stage], workdir)
+    if code != 0:
+        tail = "\n".join(lines[-15:])
+        if any(f"exited with {EXIT_TRANSIENT}" in line for line in lines):
+            raise TransientStageError(f"stage {stage!r} failed on transient I/O:\n{tail}")
+        raise StageFailed(f"stage {stage!r} failed:\n{tail}")
+    ran = locked(workdir, stage) != before or not present
+    get_run_logger().info("stage %s %s", stage, "ran" if ran else "unchanged, skipped by DVC")
+    return ran
+
+
+@task(name="dvc-add", retries=2, retry_delay_seconds=10)
+def dvc_add(workdir: str, path: str) -> None:
+    """`dvc add` a data folder (its .dvc file is then committed to git)."""
+    code, lines = run_dvc(["add", path], workdir)
+    if code != 0:
+        raise StageFailed(f"dvc add {path} failed:\n" + "\n".join(lines[-15:]))
+
+
+@task(name="push", retries=3, retry_delay_seconds=15)
+def push(workdir: str) -> dict:
+    """`dvc push` everything DVC tracks (stage outputs and added data) to the default DVC remote, if
+    one is configured. Retried on any failure: pushing is idempotent I/O (content-addressed uploads)."""
+    code, lines = run_dvc(["remote", "default"], workdir)
+    if code != 0 or not lines:
+        return {"pushed": False, "remote": None}
+    remote = lines[-1].strip()
+    code, out = run_dvc(["push", "--remote", remote], workdir)
+    if code != 0:
+        raise StageFailed(f"dvc push to remote {remote!r} failed:\n" + "\n".join(out[-10:]))
+    return {"pushed": True, "remote": remote}
+

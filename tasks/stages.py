@@ -1,0 +1,103 @@
+"""One Prefect task for every pipeline stage: run it through DVC, then publish what it produced as
+Prefect artifacts. Adding a stage is one entry in ``RENDERERS``: a function that reads the stage's
+outputs (paths from multitag/layout.py), creates its artifacts and returns a small summary."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from multitag.layout import Layout
+from multitag.report import markdown_table, read_json
+from multitag.storage import open_store
+from tasks.dvc import retry_transient_only, run_stage
+
+SHOWN_METRICS = ["map", "micro_f1", "macro_f1", "micro_precision", "micro_recall", "hamming_loss", "subset_accuracy"]
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def render_ingest(ws: Layout) -> dict:
+    s = read_json(ws.ingest_summary)
+    issues = _rows(ws.root / s["issues_report"])
+    md = "## Dataset\n\n" + markdown_table(
+        [[s["records"], s["accepted"], s["rejected"], s["negatives"], *s["splits"].values()]],
+        ["records", "accepted", "rejected", "negatives", *s["splits"]]) + f"\ndata version `{s['data_version']}`\n"
+    if issues:
+        md += (f"\n### Rejected records ({len(issues)}; full list in `{s['issues_report']}`)\n\n"
+               + markdown_table([(i["record"], f"`{i['image']}`", i["reason"]) for i in issues[:20]],
+                                ["record", "image", "reason"]))
+    if s.get("label_warnings"):
+        md += "\n### Label warnings\n\n" + "\n".join(f"- {w}" for w in s["label_warnings"]) + "\n"
+    create_markdown_artifact(key="dataset-summary", markdown=md, description="ingest: images accepted and rejected")
+    return s
+
+
+def render_labels(ws: Layout) -> dict:
+    stats = read_json(ws.label_stats)
+    by_split = stats["frequency_by_split"]
+    create_table_artifact(
+        key="label-statistics", description="images per label, by split",
+        table=[{"label": label, "images": n, **{s: by_split[s][label] for s in by_split}}
+               for label, n in stats["frequency"].items()])
+    return read_json(ws.labels_summary)
+
+
+def render_train(ws: Layout) -> dict:
+    create_table_artifact(key="training-curve", table=_rows(ws.train_history),
+                          description="loss and validation mAP per epoch")
+    return read_json(ws.train_summary)
+
+
+def render_evaluate(ws: Layout) -> dict:
+    metrics = read_json(ws.metrics)
+    t = metrics["test"]
+    create_markdown_artifact(
+        key="test-metrics", description="test metrics at the tuned thresholds",
+        markdown=f"## Test metrics ({t['images']} images)\n\n"
+                 + markdown_table([(k, t[k]) for k in SHOWN_METRICS if t.get(k) is not None], ["metric", "value"]))
+    create_table_artifact(key="per-label-metrics", table=_rows(ws.per_label),
+                          description="test AP, F1, threshold and support per label")
+    return metrics
+
+
+def render_register(ws: Layout) -> dict:
+    r = read_json(ws.registration)
+    store = open_store(r["store"], ws.root)
+    url = store.url(f"registry/{r['name']}/versions/{r['version']:06d}")
+    previous = f"v{r['previous_champion']}" if r["previous_champion"] else "none"
+    create_markdown_artifact(
+        key="registry-entry", description="registered model version and promotion decision",
+        markdown=f"## {r['name']} v{r['version']}\n\n" + markdown_table([
+            ("version", "new" if r["created"] else "weights already registered"),
+            ("champion", f"**{'yes' if r['champion'] else 'no'}** (previous champion: {previous})"),
+            ("reason", r["reason"]), ("test mAP", r["test_map"]), ("location", f"[{url}]({url})")]))
+    create_markdown_artifact(
+        key="promotion-decision", description="whether this version became the champion, and why",
+        markdown=(f"## {'Promoted' if r['champion'] else 'Not promoted'}: {r['name']} v{r['version']}\n\n"
+                  f"{r['reason']}\n\nchampion before: {previous}\n"))
+    return {**r, "url": url, "store": store.uri}
+
+
+RENDERERS = {"ingest": render_ingest, "labels": render_labels, "train": render_train,
+             "evaluate": render_evaluate, "register": render_register}
+UPSTREAM = {"ingest"}  # also runs the stages it depends on (the sample data, when ingest reads it)
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient_only)
+def stage(name: str, workdir: str) -> dict:
+    """Run one dvc.yaml stage through DVC and publish its artifacts; returns its summary and
+    whether it ran (False: DVC found it up to date)."""
+    ran = run_stage(name, workdir, with_upstream=name in UPSTREAM)
+    return {**RENDERERS[name](Layout(workdir)), "ran": ran}
+
+
+def stage_task(name: str):
+    """The stage task named after its stage (training is retried once at most: it is long)."""
+    return stage.with_options(name=name, retries=1 if name == "train" else 2)

@@ -1,0 +1,87 @@
+"""dvc.yaml tells the truth: each stage declares exactly the outputs multitag/layout.py says it writes
+and depends on exactly the package modules its code imports; the project's modules import each other
+without cycles."""
+
+import ast
+from pathlib import Path
+
+import yaml
+
+from multitag.layout import PIPELINE, STAGE_MODULES, STAGE_OUTPUTS
+from tests.conftest import ROOT
+
+PACKAGES = ("multitag", "tasks", "flows")
+
+
+def _module_file(name: str) -> Path | None:
+    path = ROOT / (name.replace(".", "/") + ".py")
+    return path if path.exists() else None
+
+
+def imports_of(module: str) -> set[str]:
+    """The project modules ``module`` imports, at the top or inside functions."""
+    tree = ast.parse(_module_file(module).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            continue
+        found |= {n for n in names if n.split(".")[0] in PACKAGES and _module_file(n)}
+    return found - {module}
+
+
+def code_deps(module: str) -> set[str]:
+    """Every package file that running ``module`` may execute (its imports, transitively)."""
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += imports_of(m)
+    return {m.replace(".", "/") + ".py" for m in seen}
+
+
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _paths(entries) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+
+def test_dvc_yaml_declares_exactly_what_each_stage_writes():
+    stages = _stages()
+    assert set(stages) == set(STAGE_OUTPUTS) == {"sample", *PIPELINE}
+    for name, declared in STAGE_OUTPUTS.items():
+        written = {kind: _paths(stages[name].get(kind)) for kind in ("outs", "metrics", "plots") if stages[name].get(kind)}
+        assert written == declared, name
+
+
+def test_every_stage_depends_on_exactly_the_code_it_runs():
+    for name, stage in _stages().items():
+        declared = {d for d in _paths(stage["deps"]) if d.startswith("multitag/")}
+        needed = code_deps(STAGE_MODULES[name])
+        assert declared == needed, (f"dvc.yaml stage {name!r}: code deps should be {sorted(needed)}; "
+                                    f"missing {sorted(needed - declared)}, not run {sorted(declared - needed)}")
+
+
+def test_no_import_cycles_among_the_project_modules():
+    modules = [".".join(p.relative_to(ROOT).with_suffix("").parts) for pkg in PACKAGES
+               for p in (ROOT / pkg).glob("*.py") if p.name != "__init__.py"]
+    graph = {m: imports_of(m) for m in modules}
+    state: dict[str, str] = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in graph.get(m, ()):
+            assert state.get(n) != "open", "import cycle: " + " -> ".join([*path, m, n])
+            if n not in state:
+                visit(n, [*path, m])
+        state[m] = "done"
+
+    for m in modules:
+        if m not in state:
+            visit(m, [])

@@ -38,5 +38,8 @@ chromium:
 ui: setup
 	$(BIN)/multitag server
 
+# Start this workspace over: outputs, raw data, scratch, the local store, and lineage.yaml back to its
+# defaults (the inbox and its archive are left alone: they hold what people dropped there).
 clean:
-	rm -rf data models reports store predictions.csv
+	rm -rf data models reports store .multitag predictions.csv
+	$(BIN)/python -c "from multitag.lineage import reset_lineage; reset_lineage('.')"

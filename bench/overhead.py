@@ -34,28 +34,22 @@ ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DO_NOT_T
 
 def direct(workspace: Path) -> None:
     """The stage functions called in this process, in the workspace."""
-    os.chdir(workspace)
-    from multitag.config import load_params
-    from multitag.evaluate import evaluate
-    from multitag.ingest import ingest
-    from multitag.labels import make_labels
-    from multitag.register import register_model
-    from multitag.sample_data import write_sample_data
-    from multitag.train import train
+    import importlib
 
+    from multitag.config import load_params
+    from multitag.layout import PIPELINE, STAGE_MODULES, Layout
+
+    os.chdir(workspace)
     p = load_params("params.yaml")
-    write_sample_data(p.sample)
-    ingest(p.ingest)
-    make_labels()
-    train(p.train)
-    evaluate(p.evaluate)
-    register_model(p)
+    for stage in PIPELINE:
+        importlib.import_module(STAGE_MODULES[stage]).run(p, Layout("."))
 
 
 def workspace(base: Path, name: str, params: dict) -> Path:
     ws = base / name
     ws.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", ws)
+    for name in ("dvc.yaml", "lineage.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, ws)
     shutil.copytree(ROOT / "multitag", ws / "multitag", ignore=shutil.ignore_patterns("__pycache__"))
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"],

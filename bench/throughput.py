@@ -29,11 +29,12 @@ from PIL import Image
 
 from shapes import make_shapes  # bench/shapes.py (this script's folder is on sys.path)
 from multitag.config import load_params
-from multitag.ingest import MANIFEST, ingest
+from multitag.ingest import ingest
 from multitag.labels import make_labels
 from multitag.losses import make_loss
 from multitag.models import build_model
-from multitag.train import load_split, make_optimizer, make_scheduler, train_one_epoch
+from multitag.layout import Layout, load_split
+from multitag.train import Run, TrainData, make_optimizer, make_scheduler, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,19 +71,21 @@ def main() -> None:
         tmp = Path(tmp)
         ann = make_shapes(tmp / "shapes", args.images, args.source_size)
         p_ingest = params.ingest.model_copy(update={"annotations": str(ann), "images": str(tmp / "shapes" / "images"),
-                                                    "format": "coco", "image_size": args.image_size, "cache": None,
-                                                    "val_fraction": 0.0, "test_fraction": 0.0})
-        ingest(p_ingest, tmp / "prepared", tmp / "reports")
-        make_labels(tmp / "prepared", tmp / "labels", tmp / "reports")
+                                                    "format": "coco", "image_size": args.image_size,
+                                                    "val_fraction": 0.01, "test_fraction": 0.01})
+        ws = Layout(tmp / "ws")
+        ingest(p_ingest, ws, cache=False)
+        make_labels(ws)
         p = params.train.model_copy(update={"epochs": args.epochs, "device": "cpu"})
-        x_u8, y, _ = load_split(tmp / "prepared", tmp / "labels", "train")
+        x_u8, y, _ = load_split(ws, "train")
         n, bs = len(x_u8), p.batch_size
         steps = n // bs
         batches = [slice(i * bs, (i + 1) * bs) for i in range(steps)]
         used = steps * bs * args.epochs
         x_float = x_u8.permute(0, 3, 1, 2).float().div(255).contiguous()
         warm = x_float[:bs]
-        sources = pd.read_parquet(tmp / "prepared" / MANIFEST)["source"].tolist()
+        manifest = pd.read_parquet(ws.manifest)
+        sources = manifest.loc[manifest["split"] == "train", "source"].tolist()
         paths = [tmp / "shapes" / "images" / s for s in sources]
         size = args.image_size
         gen = torch.Generator().manual_seed(0)
@@ -92,8 +95,10 @@ def main() -> None:
             for b in batches:  # (a) the model alone on float tensors already in memory
                 _step(model, opt, sched, loss_fn, x_float[b], y[b])
 
+        data = TrainData(x_u8, y, x_u8[:0], y[:0], [], size)
+
         def epoch_b(model, opt, sched, loss_fn, epoch):  # (b) multitag's data path and training loop
-            train_one_epoch(model, x_u8, y, opt, sched, loss_fn, p, device, gen, None, None, epoch)
+            train_one_epoch(Run(model, model, opt, sched, loss_fn, device, gen), data, p, epoch)
 
         def epoch_c(model, opt, sched, loss_fn, _):
             for b in batches:  # (c) PIL decode + resize of every image of every batch, every epoch

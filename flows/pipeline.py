@@ -10,7 +10,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from multitag.layout import PIPELINE
+from multitag.config import load_params
+from multitag.layout import PIPELINE, Layout
+from multitag.lineage import record_store
 from tasks.dvc import push
 from tasks.stages import stage_task
 
@@ -24,8 +26,10 @@ def _run_name() -> str:
 def training_pipeline(workdir: str = ".") -> dict:
     """Run every stage in the DVC workspace ``workdir``, then push to the DVC remote if one is set;
     returns a summary of the run."""
+    ws = Layout(workdir)
+    record_store(ws, load_params(ws.params))  # $MULTITAG_STORE_URI, where DVC sees it
     out = {name: stage_task(name)(name, workdir) for name in PIPELINE}
-    data, vocab, fit, metrics, reg = (out[name] for name in PIPELINE)
+    data, vocab, fit, metrics, reg = (out[name] for name in ("ingest", "labels", "train", "evaluate", "register"))
     pushed = push(workdir)
     t = metrics["test"]
     summary = {
@@ -34,6 +38,8 @@ def training_pipeline(workdir: str = ".") -> dict:
         "hamming_loss": t["hamming_loss"], "subset_accuracy": t["subset_accuracy"],
         "epochs": fit["epochs_run"], "version": reg["version"], "new_version": reg["created"],
         "champion": reg["champion"], "reason": reg["reason"], "store": reg["store"],
+        "previous_champion": reg["previous_champion"], "champion_map": reg["champion_map"],
+        "compared_map": reg["compared_map"],
         "dvc_remote": pushed["remote"] if pushed["pushed"] else None,
         "stages_run": [name for name in PIPELINE if out[name]["ran"]],
     }

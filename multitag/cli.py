@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from multitag.config import load_params
-from multitag.errors import EXPECTED, ConfigError, exit_code
+from multitag.errors import EXIT_INTERRUPTED, EXPECTED, exit_code
 from multitag.layout import PIPELINE, STAGE_MODULES, Layout
 from multitag.telemetry import quiet_env, silence
 
@@ -29,15 +29,49 @@ def _main() -> None:
     silence()  # before anything imports Prefect: no analytics from any command
 
 
-def _setup_logging() -> None:
-    from multitag.redact import RedactingFilter
+def _setup_logging(prefect: bool = False) -> None:
+    """Log lines on stderr with secrets masked; ``prefect``: import Prefect first (it installs its own
+    handlers) and filter those too."""
+    if prefect:
+        import prefect  # noqa: F401
+    from multitag.logs import setup_logging
+    setup_logging()
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())
-    for noisy in ("httpx", "botocore"):  # a line per Prefect API request, per S3 client otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+def _stop_on_interrupt(command: str) -> None:
+    """Ctrl-C (SIGINT) stops a pipeline or retrain run at once: the running stage and everything else
+    this process started are terminated, one line says what was interrupted and how to resume, and
+    the process exits with 130. (Left to itself, Prefect would spend minutes reporting to its
+    temporary API server, which Ctrl-C has already stopped.)"""
+    import signal
+
+    def stop(signum, frame):
+        from tasks.dvc import RUNNING
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
+        stage = f"stage {RUNNING['stage']}" if RUNNING.get("stage") else "the pipeline"
+        log.error("interrupted during %s; run `multitag %s` again to resume: stages already done are skipped and "
+                  "training continues from its last epoch checkpoint", stage, command)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        _terminate_children()
+        os._exit(EXIT_INTERRUPTED)
+
+    signal.signal(signal.SIGINT, stop)
+
+
+def _terminate_children(grace: float = 5) -> None:
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for child in alive:
+        child.kill()
 
 
 def _fail(err: BaseException) -> None:
@@ -73,11 +107,18 @@ def stage(
     params: Annotated[Path, typer.Option(help="params.yaml to read")] = Path("params.yaml"),
 ):
     """Run one pipeline stage in the workspace of PARAMS (what dvc.yaml's stages call)."""
+    from multitag.lineage import check_store_env
+
     _setup_logging()
     try:
-        importlib.import_module(STAGE_MODULES[name.value]).run(load_params(params), Layout(params.parent))
+        p = load_params(params)
+        check_store_env(p)
+        importlib.import_module(STAGE_MODULES[name.value]).run(p, Layout(params.parent))
     except EXPECTED as err:
         _fail(err)
+    except KeyboardInterrupt:
+        log.error("stage %s interrupted", name.value)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @app.command()
@@ -89,7 +130,8 @@ def run(
 
     from flows.pipeline import summary_table, training_pipeline
 
-    _setup_logging()
+    _setup_logging(prefect=True)
+    _stop_on_interrupt("run")
     start = time.time()
     try:
         load_params(workdir / "params.yaml")
@@ -118,7 +160,8 @@ def predict(
                                 str(thresholds) if thresholds else None)
     except EXPECTED as err:
         _fail(err)
-    typer.echo(f"{result['images']} images ({result['failed']} unreadable) scored with {result['model']}: {result['out']}")
+    typer.echo(f"{result['predicted']} images predicted, {result['failed']} unreadable ({result['images']} files) "
+               f"with {result['model']}: {result['out']}")
 
 
 models_app = typer.Typer(no_args_is_help=True, help="List, inspect, promote and roll back registered models.")
@@ -156,7 +199,11 @@ def models_list(params: ParamsOption = Path("params.yaml")):
         typer.echo(f"{'':2}{'version':>7}  {'created':25}  {'test mAP':>8}  test set")
         for v in reg.versions():
             mark = "*" if v["version"] == champ_v else ""
-            typer.echo(f"{mark:2}{v['version']:>7}  {v['created_at']:25}  {v['test_map']:>8.4f}  {v['test_set']}")
+            score = f"{v['test_map']:>8.4f}" if v["test_map"] is not None else f"{'-':>8}"
+            typer.echo(f"{mark:2}{v['version']:>7}  {v['created_at']:25}  {score}  {v['test_set']}")
+        for version in reg.incomplete():
+            mark = "*" if version == champ_v else ""
+            typer.echo(f"{mark:2}{version:>7}  incomplete or damaged: no version record (not served)")
     _registry_call(params, show)
 
 
@@ -224,7 +271,8 @@ def inbox_add(
 ):
     """Validate FOLDER and copy it into the inbox as one batch; its _READY.json marker is written
     last, so the retrain flow never sees a half-copied batch. CSV options default to params.yaml's."""
-    from multitag.inbox import BatchRejected, Inbox
+    from multitag.errors import BatchRejected
+    from multitag.inbox import Inbox
 
     _setup_logging()
     try:
@@ -260,7 +308,8 @@ def inbox_list(workdir: WorkdirOption = Path(".")):
 def retrain(workdir: WorkdirOption = Path("."),
             force: Annotated[bool, typer.Option(help="Train even if fewer than retrain.min_new_images arrived")] = False):
     """Run the retrain flow once, now: take in inbox batches, retrain if enough arrived."""
-    _setup_logging()
+    _setup_logging(prefect=True)
+    _stop_on_interrupt("retrain")
     try:
         load_params(workdir / "params.yaml")
         from flows.retrain import retrain as retrain_flow
@@ -297,10 +346,12 @@ DeploymentOption = Annotated[str, typer.Option(help="Deployment name (one per wo
 def deploy(workdir: WorkdirOption = Path("."), interval: IntervalOption = None, name: DeploymentOption = "retrain"):
     """Create (or update) the `retrain` deployment on the Prefect server in PREFECT_API_URL: the
     schedule from params.yaml on a process work pool, one run at a time."""
-    _setup_logging()
-    from flows.deploy import deploy as deploy_retrain
+    from flows.server import require_api
 
+    _setup_logging()
     try:
+        require_api()
+        from flows.deploy import deploy as deploy_retrain
         deployment = deploy_retrain(workdir, interval, name)
     except EXPECTED as err:
         _fail(err)
@@ -312,24 +363,34 @@ def deploy(workdir: WorkdirOption = Path("."), interval: IntervalOption = None, 
 
 @app.command()
 def worker(workdir: WorkdirOption = Path(".")):
-    """Start a Prefect worker on the work pool of params.yaml (retrain.work_pool)."""
+    """Start a Prefect worker on the work pool of params.yaml (retrain.work_pool); needs PREFECT_API_URL."""
+    from flows.server import require_api
 
+    _setup_logging()
     try:
+        require_api()
         pool = load_params(workdir / "params.yaml").retrain.work_pool
-    except ConfigError as err:
+    except EXPECTED as err:
         _fail(err)
     prefect = str(Path(sys.executable).with_name("prefect"))
     os.execve(prefect, [prefect, "worker", "start", "--pool", pool, "--type", "process"], _prefect_env())
 
 
 @app.command()
-def serve(workdir: WorkdirOption = Path("."), interval: IntervalOption = None, name: DeploymentOption = "retrain"):
-    """Schedule and run the retrain flow in this one process (a single machine, no worker)."""
-    _setup_logging()
-    from flows.deploy import serve as serve_retrain
+def serve(workdir: WorkdirOption = Path("."), interval: IntervalOption = None, name: DeploymentOption = "retrain",
+          port: Annotated[int, typer.Option(help="Port of the Prefect server started when PREFECT_API_URL is unset")] = 4200):
+    """Schedule and run the retrain flow in this one process (a single machine, no worker). Without
+    PREFECT_API_URL it uses the Prefect server on 127.0.0.1:PORT, starting one if none answers there."""
+    from flows.server import prefect_api
 
+    _setup_logging()
     try:
-        serve_retrain(workdir, interval, name)
+        with prefect_api(port, Layout(workdir).root / ".multitag" / "prefect-server.log") as api:
+            log.info("schedule on %s (UI: %s)", api, api.removesuffix("/api"))
+            from flows.deploy import serve as serve_retrain
+            from multitag.logs import install_filters
+            install_filters()  # on Prefect's handlers, now that it is imported
+            serve_retrain(workdir, interval, name)
     except EXPECTED as err:
         _fail(err)
 

@@ -50,6 +50,14 @@ class StoreUnavailable(StoreError, ConnectionError):
     """The store could not be reached (endpoint down, timeouts, throttling): worth a retry."""
 
 
+class BatchRejected(IngestError):
+    """An inbox batch as a whole is unusable; ``rejected`` lists its records' problems, if any."""
+
+    def __init__(self, reason: str, rejected: list[dict] | None = None):
+        super().__init__(reason)
+        self.rejected = rejected or []
+
+
 class StageFailed(RuntimeError):
     """A pipeline stage failed on bad input or a bug: retrying would fail again."""
 
@@ -58,6 +66,8 @@ class TransientStageError(StageFailed):
     """A stage failed on transient I/O (its command exited with EXIT_TRANSIENT): worth a retry."""
 
 
+# Errors a user can act on: logged as their message alone, never with a traceback.
+USER_ERRORS = (ConfigError, IngestError, RecordError, LineageError, NotFound, StoreError, StageFailed)
 # What the CLI reports in one paragraph (no traceback); anything else is a bug and keeps its traceback.
 EXPECTED = (ConfigError, IngestError, RecordError, LineageError, NotFound, StoreError, StageFailed,
             ValueError, LookupError, RuntimeError, OSError)

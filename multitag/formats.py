@@ -19,16 +19,20 @@ File-level problems raise IngestError; record-level problems come back as record
 
 from __future__ import annotations
 
-import io
 import json
+import logging
+import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
 from multitag.config import IngestParams
 from multitag.errors import IngestError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,16 +59,22 @@ def detect_format(path: Path) -> str:
     return "csv"
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    text = _read_text(path)
+CSV_CHUNK = 100_000  # rows per chunk: a 1M-row file is read in a bounded amount of memory
+
+
+def _csv_chunks(path: Path) -> Iterator[pd.DataFrame]:
+    """The CSV's rows in chunks of strings (nothing converted), header names trimmed."""
     try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            for chunk in pd.read_csv(f, dtype=str, keep_default_na=False, skipinitialspace=True, chunksize=CSV_CHUNK):
+                chunk.columns = [c.strip() for c in chunk.columns]
+                yield chunk
+    except UnicodeDecodeError as err:
+        raise IngestError(f"{path}: not UTF-8 text ({err.reason}); re-save the file as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise IngestError(f"{path}: empty file, expected a header row") from None
     except pd.errors.ParserError as err:
         raise IngestError(f"{path}: not a readable CSV file ({err})") from None
-    df.columns = [c.strip() for c in df.columns]
-    return df
 
 
 def _need_columns(path: Path, df: pd.DataFrame, *columns: str) -> None:
@@ -76,16 +86,16 @@ def _need_columns(path: Path, df: pd.DataFrame, *columns: str) -> None:
 
 def _split_tags(value: str, p: IngestParams) -> tuple[str, ...]:
     tags = [t.strip() for t in value.split(p.delimiter)]
-    return tuple(t for t in tags if t and t != p.no_label)
+    return tuple(sys.intern(t) for t in tags if t and t != p.no_label)  # one string per label, not per row
 
 
-def read_tags_csv(path: Path, p: IngestParams, df: pd.DataFrame) -> list[Record]:
+def read_tags_csv(path: Path, p: IngestParams, df: pd.DataFrame, first_line: int = 2) -> list[Record]:
     _need_columns(path, df, p.image_column, p.tags_column)
-    return [Record(f"line {i + 2}", name.strip(), _split_tags(tags, p))
+    return [Record(f"line {first_line + i}", name.strip(), _split_tags(tags, p))
             for i, (name, tags) in enumerate(zip(df[p.image_column], df[p.tags_column]))]
 
 
-def read_multihot_csv(path: Path, p: IngestParams, df: pd.DataFrame) -> list[Record]:
+def read_multihot_csv(path: Path, p: IngestParams, df: pd.DataFrame, first_line: int = 2) -> list[Record]:
     _need_columns(path, df, p.image_column)
     labels = [c for c in df.columns if c != p.image_column]
     if not labels:
@@ -95,9 +105,26 @@ def read_multihot_csv(path: Path, p: IngestParams, df: pd.DataFrame) -> list[Rec
         values = dict(zip(df.columns, row))
         bad = [(label, values[label]) for label in labels if values[label].strip() not in ("0", "1")]
         error = f"label column {bad[0][0]!r} holds {bad[0][1]!r}, expected 0 or 1" if bad else None
-        records.append(Record(f"line {i + 2}", values[p.image_column].strip(),
+        records.append(Record(f"line {first_line + i}", values[p.image_column].strip(),
                               tuple(label for label in labels if values[label].strip() == "1"), error))
     return records
+
+
+def read_csv_records(path: Path, p: IngestParams, fmt: str) -> tuple[str, list[Record]]:
+    """Records of a tags or multi-hot CSV, read chunk by chunk with progress; ``fmt`` "csv" decides
+    from the first chunk (multi-hot when there is no tags column and every other column is 0/1)."""
+    records: list[Record] = []
+    for chunk in _csv_chunks(path):
+        if fmt == "csv":
+            others = [c for c in chunk.columns if c != p.image_column]
+            multihot = (p.tags_column not in chunk.columns and p.image_column in chunk.columns and others
+                        and all(set(chunk[c].str.strip()) <= {"0", "1"} for c in others))
+            fmt = "multihot_csv" if multihot else "tags_csv"
+        read = read_tags_csv if fmt == "tags_csv" else read_multihot_csv
+        records += read(path, p, chunk, first_line=len(records) + 2)
+        if len(chunk) == CSV_CHUNK:
+            log.info("annotations: %d rows read from %s", len(records), path)
+    return ("tags_csv" if fmt == "csv" else fmt), records
 
 
 def _json_labels(obj: dict) -> list:
@@ -141,14 +168,17 @@ def read_coco(path: Path, p: IngestParams) -> list[Record]:
                           "annotations") from None
     labels: dict[int, set[str]] = {i: set() for i in images}
     errors: dict[int, str] = {}
+    orphans = []
     for k, a in enumerate(annotations):
-        if a.get("image_id") not in images:
-            continue  # an annotation of an image not listed: nothing to attach it to
-        if a.get("category_id") not in names:
+        if not isinstance(a, dict) or a.get("image_id") not in images:  # nothing to attach it to: reported
+            image_id = a.get("image_id") if isinstance(a, dict) else None
+            orphans.append(Record(f"annotations[{k}]", "", error=f"annotation {k} refers to image_id {image_id!r}, "
+                                                                 "which has no entry in images"))
+        elif a.get("category_id") not in names:
             errors[a["image_id"]] = f"annotation {k} has unknown category_id {a.get('category_id')!r}"
         else:
             labels[a["image_id"]].add(names[a["category_id"]])
-    return [Record(f"images[id={i}]", images[i], tuple(sorted(labels[i])), errors.get(i)) for i in images]
+    return [Record(f"images[id={i}]", images[i], tuple(sorted(labels[i])), errors.get(i)) for i in images] + orphans
 
 
 def read_voc_imagesets(root: Path, p: IngestParams) -> list[Record]:
@@ -205,13 +235,7 @@ def read_records(p: IngestParams) -> tuple[str, list[Record]]:
         raise IngestError(f"annotations file not found: {path} (set ingest.annotations)")
     fmt = p.format if p.format != "auto" else detect_format(path)
     if fmt in ("csv", "tags_csv", "multihot_csv"):
-        df = _read_csv(path)
-        if fmt == "csv":  # multi-hot when there is no tags column and every other column is 0/1
-            others = [c for c in df.columns if c != p.image_column]
-            multihot = (p.tags_column not in df.columns and p.image_column in df.columns and others
-                        and all(set(df[c].str.strip()) <= {"0", "1"} for c in others))
-            fmt = "multihot_csv" if multihot else "tags_csv"
-        records = (read_tags_csv if fmt == "tags_csv" else read_multihot_csv)(path, p, df)
+        fmt, records = read_csv_records(path, p, fmt)
     elif fmt == "jsonl":
         records = read_jsonl(path, p)
     elif fmt == "coco":

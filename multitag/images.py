@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import stat
 import warnings
 from pathlib import Path
 
@@ -23,10 +24,15 @@ def resolve_image(root: Path, name: str) -> Path:
     paths, symlinks pointing outside)."""
     if not name or not name.strip():
         raise RecordError("empty image name")
+    if "\x00" in name:
+        raise RecordError(f"image name {name!r} contains a NUL character")
     if Path(name).is_absolute():
         raise RecordError(f"absolute path {name!r} refused: image paths must be relative to the image folder")
     root = root.resolve()
-    path = (root / name).resolve()
+    try:
+        path = (root / name).resolve()
+    except (OSError, RuntimeError) as err:  # a name too long, a symlink loop
+        raise RecordError(f"image path {name!r} cannot be resolved: {err}") from None
     if not path.is_relative_to(root):
         raise RecordError(f"path {name!r} leads outside the image folder {root}")
     return path
@@ -59,12 +65,20 @@ def read_s3(uri: str) -> bytes:
 
 
 def read_bytes(path: Path) -> bytes:
+    """A local image's bytes; anything that keeps this one file from being read is the record's problem.
+    Only regular files are read (a FIFO or a device would block or never end)."""
     try:
+        if path.exists() and not path.is_dir() and not stat.S_ISREG(path.stat().st_mode):
+            raise RecordError(f"not a regular file: {path}")
         data = path.read_bytes()
     except FileNotFoundError:
         raise RecordError(f"image file not found: {path}") from None
     except IsADirectoryError:
         raise RecordError(f"not a file: {path}") from None
+    except PermissionError:
+        raise RecordError(f"cannot read {path}: permission denied") from None
+    except OSError as err:
+        raise RecordError(f"cannot read {path}: {err.strerror or err}") from None
     if not data:
         raise RecordError(f"empty (zero-byte) file: {path}")
     return data

@@ -25,7 +25,8 @@ from multitag.config import IngestParams, Params
 from multitag.errors import IngestError, RecordError
 from multitag.formats import Record, read_records
 from multitag.images import DECODE_VERSION, IMAGE_SUFFIXES, decode, read_bytes, read_s3, resolve_image, sha256
-from multitag.layout import MANIFEST, SHARDS, Layout
+from multitag.layout import MANIFEST, SHARDS, Layout, read_manifest
+from multitag.lineage import check_data_set, ingest_params
 from multitag.progress import progress
 from multitag.report import replace_dir, write_atomic, write_csv, write_json
 
@@ -94,23 +95,42 @@ def images_root(p: IngestParams, fmt: str) -> str:
 
 
 def image_bytes(root: str, name: str) -> bytes:
-    """An image's bytes: from S3 when the image folder or the path is s3://..., else from disk."""
-    if name.startswith("s3://"):
+    """An image's bytes, read only from under the image folder ``root`` (a local folder or an s3://
+    prefix): a path that leads anywhere else is refused as a RecordError, before anything is read."""
+    if name.startswith("s3://"):  # a full URI is accepted only inside the configured prefix
+        prefix = root.rstrip("/") + "/"
+        if not root.startswith("s3://") or not name.startswith(prefix) or ".." in name[len(prefix):].split("/"):
+            raise RecordError(f"image {name!r} is outside the image folder {root!r} (ingest.images): only images "
+                              "under it are read")
         return read_s3(name)
     if root.startswith("s3://"):
-        if name.startswith("/"):
-            raise RecordError(f"absolute path {name!r} refused: image paths must be relative to the image folder")
+        if name.startswith("/") or ".." in name.split("/"):
+            raise RecordError(f"path {name!r} refused: image paths must be relative to the image folder, inside it")
         return read_s3(f"{root.rstrip('/')}/{name}")
-    return read_bytes(local_image_path(root, name))
+    try:
+        path = local_image_path(root, name)
+    except OSError as err:  # e.g. a name longer than the file system allows
+        raise RecordError(f"image path {name!r} cannot be opened: {err.strerror or err}") from None
+    return read_bytes(path)
 
 
 def local_image_path(root: str, name: str) -> Path:
-    """The file of image ``name`` under the local folder ``root`` (RecordError if it escapes)."""
+    """The file of image ``name`` under the local folder ``root``: the path finally opened is the one
+    checked (RecordError if it escapes). A name without extension (Kaggle Planet: ``train_1``) finds
+    its one file with an image extension; several such files make the record ambiguous."""
     path = resolve_image(Path(root), name)
-    if not path.suffix and not path.exists():  # names without extension (Kaggle Planet: train_1)
-        candidates = [path.with_suffix(x) for ext in IMAGE_SUFFIXES for x in (ext, ext.upper())]
-        path = next((c for c in candidates if c.exists()), path)
-    return path
+    if path.suffix or path.exists():
+        return path
+    found: dict[Path, str] = {}
+    for ext in IMAGE_SUFFIXES:
+        for suffix in (ext, ext.upper()):
+            candidate = Path(root) / (name + suffix)
+            if candidate.exists() or candidate.is_symlink():
+                found.setdefault(resolve_image(Path(root), name + suffix), name + suffix)
+    if len(found) > 1:
+        raise RecordError(f"ambiguous image name {name!r}: {', '.join(sorted(found.values()))} all exist; "
+                          "write the extension in the annotations")
+    return next(iter(found), path)
 
 
 def _cached_decode(data: bytes, digest: str, size: int, name: str, cache: Path | None) -> tuple[np.ndarray, bool]:
@@ -235,5 +255,9 @@ def ingest(p: IngestParams, layout: Layout, cache: bool = True) -> IngestResult:
 
 
 def run(params: Params, layout: Layout) -> IngestResult:
-    """The ingest stage as dvc.yaml runs it."""
-    return ingest(params.ingest, layout)
+    """The ingest stage as dvc.yaml runs it: the data set of this workspace's lineage (params.yaml's,
+    or the raw data once retraining began), refusing one another champion was trained on."""
+    result = ingest(ingest_params(params), layout)
+    labels = {t for tags in read_manifest(layout, ["tags"])["tags"] for t in tags}
+    check_data_set(params, layout, labels)
+    return result

@@ -67,6 +67,15 @@ def plot_stats(stats: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = stats["labels"]
+    if not labels:  # every image is a negative
+        fig, ax = plt.subplots(figsize=(8, 3))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no positive labels: all {stats['images']} images are negatives", ha="center",
+                va="center", fontsize=14)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.8))
     a.bar(range(len(labels)), [stats["frequency"][x] for x in labels])
     a.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 12 else 0)

@@ -57,8 +57,10 @@ STAGE_OUTPUTS: dict[str, dict[str, list[str]]] = {
 }
 # The module holding each stage's function (its code deps are what this module imports).
 STAGE_MODULES = {"sample": "multitag.sample_data", "ingest": "multitag.ingest", "labels": "multitag.labels",
-                 "train": "multitag.train", "evaluate": "multitag.evaluate", "register": "multitag.registry"}
-PIPELINE = ["ingest", "labels", "train", "evaluate", "register"]  # what `multitag run` runs, in order
+                 "train": "multitag.train", "evaluate": "multitag.evaluate", "register": "multitag.champion"}
+# What `multitag run` and `dvc repro` run, in order. The sample stage runs even when ingest reads other
+# data (a few seconds): one graph, so that `git clone` + `dvc pull` restores every stage's outputs.
+PIPELINE = ["sample", "ingest", "labels", "train", "evaluate", "register"]
 
 # manifest.parquet: one row per accepted image, sorted by sha256; row i <-> targets.npy row i.
 MANIFEST_COLUMNS = {

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import pickle
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +147,15 @@ def state_digest(state: dict) -> str:
 
 def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tuple[MultiLabelNet, dict]:
     """(model in eval mode, metadata) from a file written by save_model_file; no pickle code runs."""
-    meta = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused: loading it would run pickled code (a full pickle, not a multitag "
+                         "model file); only files of weights and plain metadata are loaded") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise FileNotFoundError(f"model file not found: {path}") from None
+        raise ValueError(f"{path}: not a readable model file ({str(err).splitlines()[0][:200]})") from None
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not a multitag model file")
     model = build_model(meta["arch"], len(meta["labels"]), meta["image_size"])
@@ -177,3 +187,17 @@ def predict_scores(model: nn.Module, images: np.ndarray | torch.Tensor, device: 
         out.append(probs.cpu())
     n_labels = out[0].shape[1] if out else 0
     return torch.cat(out).numpy() if out else np.zeros((0, n_labels), dtype=np.float32)
+
+
+def weights_digest(model_file: str | Path) -> str:
+    """sha256 over the tensors of a model file (the same weights give the same digest, whatever the
+    file's other contents)."""
+    return state_digest(torch.load(model_file, map_location="cpu", weights_only=True)["state_dict"])
+
+
+def load_registered(registry, version: int, device: torch.device | str = "cpu") -> tuple[MultiLabelNet, dict]:
+    """(model, metadata) of a registered version, its checksum verified (for re-scoring a champion
+    and for fine-tuning from a version)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        registry.download_model(version, Path(tmp) / "model.pt")
+        return load_model_file(Path(tmp) / "model.pt", device)

@@ -1,5 +1,5 @@
-"""Model registry in the artifact store: numbered versions and the ``champion`` alias; and the
-register stage, which puts the evaluated model into it and applies the champion rule.
+"""Model registry in the artifact store: numbered versions and the ``champion`` alias. Plain store
+operations (no torch): the register stage (multitag/champion.py) computes what goes in.
 
 Layout under ``registry/<name>/``::
 
@@ -18,23 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from multitag.config import Params
-from multitag.errors import NotFound, PreconditionFailed
-from multitag.layout import Layout, load_split, read_manifest, select_device
-from multitag.metrics import mean_ap
-from multitag.models import load_model_file, predict_scores, state_digest
-from multitag.report import markdown_table, read_json, write_json
-from multitag.storage import Store, open_store
+from multitag.errors import NotFound, PreconditionFailed, StoreError
+from multitag.report import markdown_table
+from multitag.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +42,32 @@ class Registration:
     champion: bool         # this version is the champion after the call
     previous_champion: int | None
     reason: str
+    champion_map: float | None = None   # the champion's test mAP in the comparison (on this test set)
+    compared_map: float | None = None   # this version's test mAP in the comparison (on the labels compared)
 
 
-def weights_digest(model_file: str | Path) -> str:
-    """sha256 over the tensors of a model file (independent of how torch.save laid out the zip)."""
-    return state_digest(torch.load(model_file, map_location="cpu", weights_only=True)["state_dict"])
+@dataclass(frozen=True)
+class Comparison:
+    """How a candidate and the champion were compared: on the same test images and labels, or not at all."""
+    champion: int
+    comparable: bool
+    candidate_map: float | None = None
+    champion_map: float | None = None
+    note: str = ""          # how they were compared (e.g. ", champion re-scored on this test set"), or why not
+
+
+def compare_as_recorded(candidate: dict, champion: dict) -> Comparison:
+    """The comparison that needs no model: both tested on the same test set, with the same labels."""
+    v = champion["version"]
+    if champion.get("labels") not in (None, candidate["labels"]):
+        return Comparison(v, False, note=f"label vocabulary differs from champion v{v}'s and no re-scoring given")
+    if champion.get("test_set") != candidate["test_set"]:
+        return Comparison(v, False, note=f"test set differs from champion v{v}'s and no re-scoring given")
+    return Comparison(v, True, candidate["metrics"]["test"]["map"], champion["test_map"])
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def file_digest(path: str | Path) -> str:
@@ -93,16 +108,30 @@ class Registry:
         return json.loads(self.store.get_bytes(self.version_key(version, "card.json"))[0])
 
     def resolve(self, ref: str | int) -> int:
-        """A version number from 'champion', '7' or 7; NotFound names what is missing."""
-        if str(ref).isdigit():
-            version = int(ref)
+        """A version number from 'champion', '7', 'v7' or 7; NotFound names what is missing, and a
+        champion whose version record is gone is refused as damaged."""
+        text = str(ref)
+        if text.removeprefix("v").isdigit():
+            version = int(text.removeprefix("v"))
             if not self.store.exists(self.version_key(version, "version.json")):
                 raise NotFound(f"model {self.name!r} has no complete version {version}")
             return version
-        alias = self.alias(str(ref))
+        alias = self.alias(text)
         if alias is None:
-            raise NotFound(f"model {self.name!r} has no alias {ref!r} (nothing registered yet?)")
-        return alias[0]["version"]
+            raise NotFound(f"model {self.name!r} has no alias {text!r} (nothing registered yet?)")
+        version = alias[0]["version"]
+        if not self.store.exists(self.version_key(version, "version.json")):
+            raise StoreError(f"model {self.name!r}: {text} v{version} is damaged: its version record "
+                             f"{self.version_key(version, 'version.json')} is missing in {self.store.uri}; it is not "
+                             f"served. Promote a complete version (`multitag models promote N --reason ...`)")
+        return version
+
+    def incomplete(self) -> list[int]:
+        """Versions claimed and holding files but without a version record: a registration that died
+        midway, or a record deleted since (reported by `multitag models list`)."""
+        claimed = {int(m.group(1)) for k in self.store.list(f"{self.prefix}/versions/")
+                   if (m := re.search(r"/versions/(\d{6})/card\.json$", k))}
+        return sorted(claimed - {v["version"] for v in self.versions()})
 
     def alias(self, alias: str) -> tuple[dict, str] | None:
         try:
@@ -132,12 +161,15 @@ class Registry:
                 version += 1
 
     def register(self, files: dict[str, str | Path], card: dict, min_improvement: float = 0.0,
-                 rescore: Callable[[int], float] | None = None) -> Registration:
-        """Register ``files`` (must include model.pt) with ``card`` (must include metrics.test.map
-        and test_set), then move the champion alias if this version beats it by more than
-        ``min_improvement`` on the same test set. When the champion was tested on another test set,
-        ``rescore(version)`` gives its mAP on this one."""
-        digest = weights_digest(files["model.pt"])
+                 compare: Callable[[dict, dict], Comparison] = compare_as_recorded,
+                 weights_sha256: str | None = None) -> Registration:
+        """Register ``files`` (must include model.pt) with ``card`` (must include labels,
+        metrics.test.map and test_set), then move the champion alias if this version beats it by more
+        than ``min_improvement`` in ``compare(card, champion record)``: on the same test images and
+        labels (the register stage re-scores the champion when they differ). A version whose test mAP
+        is not a number is never promoted. The comparison goes into the card. ``weights_sha256``
+        identifies the weights (the same weights are registered once); by default, the model file's sha256."""
+        digest = weights_sha256 or file_digest(files["model.pt"])
         for v in self.versions():
             if v["weights_sha256"] == digest:
                 champ = self.alias(CHAMPION)
@@ -145,8 +177,11 @@ class Registry:
                 log.info("weights already registered as %s v%d", self.name, v["version"])
                 return Registration(v["version"], False, is_champ, champ[0]["version"] if champ else None,
                                     "same weights already registered")
+        current = self.alias(CHAMPION)
+        judged = (current[1], compare(card, current[0])) if current else None
         version = self._claim()
         card = {**card, "name": self.name, "version": version, "weights_sha256": digest,
+                "comparison": asdict(judged[1]) if judged else None,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "files": {name: file_digest(path) for name, path in files.items()}}
         for name, path in files.items():
@@ -154,10 +189,11 @@ class Registry:
         self.store.put_bytes(self.version_key(version, "card.json"), json.dumps(card, indent=2).encode())
         self.store.put_bytes(self.version_key(version, "MODEL_CARD.md"), model_card_markdown(card).encode())
         record = {"version": version, "weights_sha256": digest, "created_at": card["created_at"],
-                  "test_map": card["metrics"]["test"]["map"], "test_set": card.get("test_set")}
+                  "test_map": card["metrics"]["test"]["map"], "test_set": card.get("test_set"),
+                  "labels": card["labels"]}
         self.store.put_bytes(self.version_key(version, "version.json"), json.dumps(record).encode())
         log.info("registered %s v%d", self.name, version)
-        return self._maybe_promote(record, min_improvement, rescore)
+        return self._maybe_promote(record, card, min_improvement, compare, judged)
 
     def _write_champion(self, current: tuple[dict, str] | None, record: dict, reason: str,
                         lineage: list[int]) -> dict:
@@ -173,32 +209,32 @@ class Registry:
         log.info("champion -> v%d (%s)", record["version"], reason)
         return alias
 
-    def _maybe_promote(self, record: dict, min_improvement: float, rescore) -> Registration:
+    def _maybe_promote(self, record: dict, card: dict, min_improvement: float, compare, judged) -> Registration:
         version = record["version"]
         while True:
             current = self.alias(CHAMPION)
+            prev = current[0]["version"] if current else None
+            if not _finite(record["test_map"]):
+                return Registration(version, True, False, prev, f"test mAP is {record['test_map']} (no positive "
+                                    "test images for any label?): a version without a test score is never promoted")
             if current is None:
-                decision, reason, prev = True, "first registered version", None
+                decision, reason, c = True, "first registered version", None
             else:
-                champ, etag = current
-                prev = champ["version"]
-                champ_map, note = champ["test_map"], ""
-                if champ.get("test_set") != record["test_set"]:
-                    if rescore is None:
-                        return Registration(version, True, False, prev,
-                                            "test set differs from the champion's and no re-scoring given")
-                    champ_map, note = rescore(prev), ", champion re-scored on this test set"
-                decision = record["test_map"] > champ_map + min_improvement
-                reason = (f"test mAP {record['test_map']:.4f} vs champion v{prev} {champ_map:.4f}{note} "
+                c = judged[1] if judged and judged[0] == current[1] else compare(card, current[0])
+                if not c.comparable:
+                    return Registration(version, True, False, prev, c.note)
+                decision = c.candidate_map > c.champion_map + min_improvement
+                reason = (f"test mAP {c.candidate_map:.4f} vs champion v{prev} {c.champion_map:.4f}{c.note} "
                           f"(min improvement {min_improvement})")
+            scores = (c.champion_map, c.candidate_map) if c else (None, None)
             if not decision:
-                return Registration(version, True, False, prev, reason)
+                return Registration(version, True, False, prev, reason, *scores)
             lineage = (current[0].get("lineage", [prev]) if current else []) + [version]
             try:
                 self._write_champion(current, record, reason, lineage)
             except PreconditionFailed:
                 continue  # another registration moved the alias meanwhile: decide again against it
-            return Registration(version, True, True, prev, reason)
+            return Registration(version, True, True, prev, reason, *scores)
 
     def _version_record(self, version: int) -> dict:
         return json.loads(self.store.get_bytes(self.version_key(version, "version.json"))[0])
@@ -241,68 +277,3 @@ def model_card_markdown(card: dict) -> str:
             f"- git commit: {card['git'].get('commit')} (dirty: {card['git'].get('dirty')})\n"
             f"- weights sha256: {card['weights_sha256']}\n\n"
             f"## Test metrics\n\n{metrics}\n## Thresholds (tuned on validation)\n\n{thresholds}")
-
-
-# What a registered version holds: the model and the reports of the run that made it.
-ARTIFACTS = {"model.pt": "model", "thresholds.json": "thresholds", "metrics.json": "metrics",
-             "per_label.csv": "per_label", "pr_curves.png": "pr_plot", "train_history.csv": "train_history",
-             "ingest_issues.csv": "ingest_issues", "label_stats.json": "label_stats",
-             "label_stats.png": "label_stats_plot"}  # file in the version -> Layout attribute
-
-
-def test_set_digest(layout: Layout) -> str:
-    """Identity of the test split: the sorted content hashes of its images."""
-    m = read_manifest(layout, ["sha256", "split"])
-    return hashlib.sha256("\n".join(sorted(m.loc[m["split"] == "test", "sha256"])).encode()).hexdigest()[:16]
-
-
-def champion_rescorer(registry: Registry, layout: Layout, vocabulary: list[str]):
-    """rescore(version) -> that version's test mAP on the current test split, over the labels it knows."""
-    def rescore(version: int) -> float:
-        x, y, _ = load_split(layout, "test")
-        device = select_device("auto")
-        model, meta = registered_model(registry, version, device)
-        scores = predict_scores(model, x, device, tta=meta["tta"])
-        common = [j for j, label in enumerate(meta["labels"]) if label in vocabulary]
-        cols = [vocabulary.index(meta["labels"][j]) for j in common]
-        return mean_ap(y.numpy()[:, cols], scores[:, common])
-    return rescore
-
-
-def register_model(params: Params, layout: Layout) -> dict:
-    """Register models/model.pt with its metrics, thresholds, params, data and code version.
-    Writes and returns reports/registration.json (the same for the same model and registry state:
-    the store as configured, no timestamps)."""
-    registry = Registry(open_store(params.store.uri, layout.root), params.register.name)
-    metrics = read_json(layout.metrics)
-    thresholds = read_json(layout.thresholds)
-    ingest_summary = read_json(layout.ingest_summary)
-    run_log = layout.run_log / "train.json"
-    card = {
-        "labels": thresholds["labels"], "thresholds": thresholds["thresholds"], "metrics": metrics,
-        "params": params.dump(), "data_version": ingest_summary["data_version"],
-        "images": ingest_summary["splits"], "test_set": test_set_digest(layout),
-        "train": {**read_json(layout.train_summary), **(read_json(run_log) if run_log.exists() else {})},
-        "git": git_commit(layout.root),
-    }
-    files = {name: getattr(layout, attr) for name, attr in ARTIFACTS.items()}
-    rescore = champion_rescorer(registry, layout, thresholds["labels"])
-    reg = registry.register(files, card, params.register.min_improvement, rescore)
-    out = {"name": registry.name, "store": params.store.uri, **asdict(reg), "test_map": metrics["test"]["map"]}
-    write_json(layout.registration, out)
-    log.info("%s v%d %s; champion: %s (%s)", registry.name, reg.version,
-             "registered" if reg.created else "already registered", reg.champion, reg.reason)
-    return out
-
-
-def registered_model(registry: Registry, version: int, device: torch.device | str = "cpu"):
-    """(model, metadata) of a registered version, its checksum verified (for re-scoring a
-    champion and for ``train.init_from``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        registry.download_model(version, Path(tmp) / "model.pt")
-        return load_model_file(Path(tmp) / "model.pt", device)
-
-
-def run(params: Params, layout: Layout) -> dict:
-    """The register stage as dvc.yaml runs it."""
-    return register_model(params, layout)

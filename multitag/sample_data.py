@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from multitag.config import SampleParams
+from multitag.config import Params, SampleParams
+from multitag.layout import Layout
 from multitag.report import write_csv
 
 log = logging.getLogger(__name__)
@@ -95,3 +96,8 @@ def write_sample_data(p: SampleParams, out: str | Path | None = None) -> SampleR
     ann = write_csv(out / "annotations.csv", ["image_name", "tags"], rows)  # last: a half-written sample never looks complete
     log.info("wrote %d sample images (%d with no digit) to %s", p.n_images, empty, out)
     return SampleResult(images=p.n_images, empty=empty, annotations=str(ann))
+
+
+def run(params: Params, layout: Layout) -> SampleResult:
+    """The sample stage as dvc.yaml runs it."""
+    return write_sample_data(params.sample, layout.root / params.sample.out)

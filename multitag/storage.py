@@ -30,11 +30,22 @@ def _etag(data: bytes) -> str:
 
 
 class LocalStore:
-    """A folder as an artifact store; every write is atomic (temporary file, then rename)."""
+    """A folder as an artifact store; every write is atomic (temporary file, then rename). A file
+    system error (read-only, full, permission denied) is a StoreError naming the path and the cause."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.uri = str(self.root)
+
+    @contextmanager
+    def _fs(self, op: str, key: str):
+        try:
+            yield
+        except (FileNotFoundError, NotFound, PreconditionFailed):
+            raise
+        except OSError as err:
+            where = err.filename or (self._path(key) if key else self.root)
+            raise StoreError(f"local store: cannot {op} {where}: {err.strerror or err}") from None
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*_check_key(key).parts)
@@ -59,69 +70,85 @@ class LocalStore:
         return Path(tmp)
 
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
-        path = self._path(key)
-        tmp = self._write_tmp(path, data)
-        try:
-            if if_none_match:
-                try:
-                    os.link(tmp, path)  # atomic create-if-absent
-                except FileExistsError:
-                    raise PreconditionFailed(f"{key} already exists") from None
-            elif if_match is not None:
-                with self._locked(path):
-                    if not path.exists() or _etag(path.read_bytes()) != if_match:
-                        raise PreconditionFailed(f"{key} changed since it was read")
+        with self._fs("write", key):
+            path = self._path(key)
+            tmp = self._write_tmp(path, data)
+            try:
+                if if_none_match:
+                    try:
+                        os.link(tmp, path)  # atomic create-if-absent
+                    except FileExistsError:
+                        raise PreconditionFailed(f"{key} already exists") from None
+                elif if_match is not None:
+                    with self._locked(path):
+                        if not path.exists() or _etag(path.read_bytes()) != if_match:
+                            raise PreconditionFailed(f"{key} changed since it was read")
+                        os.replace(tmp, path)
+                else:
                     os.replace(tmp, path)
-            else:
-                os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return _etag(data)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return _etag(data)
 
     def put_file(self, key: str, src: str | Path) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, path)
+        with self._fs("write", key):
+            path = self._path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            os.close(fd)
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
 
     def get_bytes(self, key: str) -> tuple[bytes, str]:
         """(content, etag); NotFound if absent."""
-        try:
-            data = self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise NotFound(key) from None
-        return data, _etag(data)
+        with self._fs("read", key):
+            try:
+                data = self._path(key).read_bytes()
+            except FileNotFoundError:
+                raise NotFound(key) from None
+            return data, _etag(data)
 
     def get_file(self, key: str, dest: str | Path) -> None:
-        path = self._path(key)
-        if not path.is_file():
-            raise NotFound(key)
-        shutil.copyfile(path, dest)
+        with self._fs("read", key):
+            path = self._path(key)
+            if not path.is_file():
+                raise NotFound(key)
+            shutil.copyfile(path, dest)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
         """Remove ``key`` (absent is fine) and the folders it leaves empty."""
-        path = self._path(key)
-        path.unlink(missing_ok=True)
-        for parent in path.parents:
-            if parent == self.root or not parent.is_relative_to(self.root):
-                break
-            try:
-                parent.rmdir()
-            except OSError:
-                break
+        with self._fs("delete", key):
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            for parent in path.parents:
+                if parent == self.root or not parent.is_relative_to(self.root):
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+
+    def _walk(self, prefix: str):
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if not base.is_dir() or base.is_symlink():
+            return []
+        return [p for p in base.rglob("*") if not p.name.startswith(".") and not p.name.endswith(".lock")]
 
     def list(self, prefix: str = "") -> list[str]:
-        """Keys under ``prefix`` (a folder-like prefix ending in '/'; "" = everything), sorted."""
-        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
-        if not base.is_dir():
-            return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".lock"))
+        """Keys under ``prefix`` (a folder-like prefix ending in '/'; "" = everything), sorted. Symbolic
+        links are not keys: a store never reads through one (see ``links``)."""
+        return sorted(p.relative_to(self.root).as_posix() for p in self._walk(prefix)
+                      if p.is_file() and not p.is_symlink())
+
+    def links(self, prefix: str = "") -> list[str]:
+        """Symbolic links under ``prefix`` (a folder dropped into a local inbox may hold some)."""
+        return sorted(p.relative_to(self.root).as_posix() for p in self._walk(prefix) if p.is_symlink())
 
 
 class S3Store:
@@ -226,6 +253,9 @@ class S3Store:
     def delete(self, key: str) -> None:
         with self._op("delete", key):
             self.s3.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def links(self, prefix: str = "") -> list[str]:
+        return []  # S3 has no symbolic links
 
     def list(self, prefix: str = "") -> list[str]:
         if prefix.strip("/"):

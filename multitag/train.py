@@ -39,7 +39,8 @@ from multitag.config import Params, TrainParams
 from multitag.layout import Layout, load_split, select_device
 from multitag.losses import ModelEma, make_loss
 from multitag.metrics import mean_ap
-from multitag.models import build_model, predict_scores, save_atomic, save_model_file, state_digest, to_input
+from multitag.models import (build_model, load_registered, predict_scores, save_atomic, save_model_file, state_digest,
+                             to_input)
 from multitag.report import read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ def load_data(p: TrainParams, layout: Layout) -> TrainData:
     x_val, y_val, _ = load_split(layout, "val")
     if len(x_train) == 0:
         raise ValueError("the train split is empty: add images or lower ingest.val_fraction/test_fraction")
+    if not vocabulary or not y_train.any():
+        raise ValueError(f"nothing to learn: no label has a positive image in the train split ({len(x_train)} "
+                         "images, all negatives); check the annotations' tags column and delimiter")
     return TrainData(x_train, y_train, x_val, y_val, vocabulary, x_train.shape[1])
 
 
@@ -165,10 +169,9 @@ def resolve_init(p: TrainParams, data: TrainData, init_from: int | None, registr
         model.load_state_dict(ckpt["model"])
         return model, f"resumed from {checkpointer.path} after epoch {ckpt['state']['epoch']}", ckpt
     if init_from is not None:
-        from multitag.registry import registered_model
         if registry is None:
             raise ValueError(f"lineage.init_from: version {init_from} needs the registry; no store was given")
-        start, meta = registered_model(registry, init_from)
+        start, meta = load_registered(registry, init_from)
         want = (p.model, data.image_size, data.vocabulary)
         if (meta["arch"], meta["image_size"], meta["labels"]) != want:
             raise ValueError(f"lineage.init_from: version {init_from} is a {meta['arch']} at {meta['image_size']} px "

@@ -5,6 +5,7 @@ the task's Prefect log with secrets masked."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,14 @@ from pathlib import Path
 import yaml
 from prefect import get_run_logger, task
 
+from multitag.config import load_params
 from multitag.errors import EXIT_TRANSIENT, StageFailed, StoreUnavailable, TransientStageError
 from multitag.layout import STAGE_OUTPUTS
-from multitag.redact import redact
+from multitag.logs import redact
 from multitag.telemetry import quiet_env
+
+
+RUNNING: dict[str, str | None] = {"stage": None}  # the stage being run, for the CLI's Ctrl-C message
 
 
 def retry_transient_only(task, task_run, state) -> bool:
@@ -51,6 +56,21 @@ def run_dvc(args: list[str], workdir: str) -> tuple[int, list[str]]:
     return proc.wait(), lines
 
 
+_STAGE_ERROR = re.compile(r"^\d\d:\d\d:\d\d ERROR multitag[\w.]*: ")
+
+
+def stage_error(lines: list[str]) -> str:
+    """The stage's own error message (its last ERROR log line and the lines continuing it), else
+    DVC's; the whole output is in the log already."""
+    starts = [i for i, line in enumerate(lines) if _STAGE_ERROR.match(line)]
+    if not starts:
+        return next((line for line in reversed(lines) if line.startswith("ERROR")), "see the log above")
+    first = starts[-1]
+    end = next((i for i in range(first + 1, len(lines)) if re.match(r"^(\d\d:\d\d:\d\d |ERROR)", lines[i])),
+               len(lines))
+    return "\n".join([_STAGE_ERROR.sub("", lines[first]), *lines[first + 1:end]])
+
+
 def locked(workdir: str | Path, stage: str) -> dict | None:
     """The stage's entry in dvc.lock (what DVC recorded of its last run), or None."""
     lock = Path(workdir) / "dvc.lock"
@@ -59,19 +79,22 @@ def locked(workdir: str | Path, stage: str) -> dict | None:
 
 def _outputs_present(workdir: str | Path, stage: str) -> bool:
     root = Path(workdir)
-    return all((root / out).exists() for kind in STAGE_OUTPUTS[stage].values() for out in kind if "$" not in out)
+    sample_out = load_params(root / "params.yaml").sample.out
+    return all((root / out.replace("${sample.out}", sample_out)).exists()
+               for kind in STAGE_OUTPUTS[stage].values() for out in kind)
 
 
-def run_stage(stage: str, workdir: str, with_upstream: bool = False) -> bool:
-    """`dvc repro` one stage in ``workdir`` (with the stages it depends on if ``with_upstream``).
-    Returns whether the stage ran: its dvc.lock entry changed, or its outputs had to be made again."""
+def run_stage(stage: str, workdir: str) -> bool:
+    """`dvc repro` one stage in ``workdir``. Returns whether the stage ran: its dvc.lock entry
+    changed, or its outputs had to be made again."""
     before, present = locked(workdir, stage), _outputs_present(workdir, stage)
-    code, lines = run_dvc(["repro", *([] if with_upstream else ["--single-item"]), stage], workdir)
+    RUNNING["stage"] = stage
+    code, lines = run_dvc(["repro", "--single-item", stage], workdir)
+    RUNNING["stage"] = None
     if code != 0:
-        tail = "\n".join(lines[-15:])
         if any(f"exited with {EXIT_TRANSIENT}" in line for line in lines):
-            raise TransientStageError(f"stage {stage!r} failed on transient I/O:\n{tail}")
-        raise StageFailed(f"stage {stage!r} failed:\n{tail}")
+            raise TransientStageError(f"stage {stage!r} failed on transient I/O: {stage_error(lines)}")
+        raise StageFailed(f"stage {stage!r} failed: {stage_error(lines)}")
     ran = locked(workdir, stage) != before or not present
     get_run_logger().info("stage %s %s", stage, "ran" if ran else "unchanged, skipped by DVC")
     return ran

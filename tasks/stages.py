@@ -4,28 +4,24 @@ outputs (paths from multitag/layout.py), creates its artifacts and returns a sma
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from multitag.layout import Layout
-from multitag.report import markdown_table, read_json
+from multitag.report import markdown_table, read_csv_rows, read_json
 from multitag.storage import open_store
 from tasks.dvc import retry_transient_only, run_stage
 
 SHOWN_METRICS = ["map", "micro_f1", "macro_f1", "micro_precision", "micro_recall", "hamming_loss", "subset_accuracy"]
 
 
-def _rows(path: Path) -> list[dict]:
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+def render_sample(ws: Layout) -> dict:
+    return {}  # the built-in sample data: nothing to show beyond the run's log
 
 
 def render_ingest(ws: Layout) -> dict:
     s = read_json(ws.ingest_summary)
-    issues = _rows(ws.root / s["issues_report"])
+    issues = read_csv_rows(ws.root / s["issues_report"])
     md = "## Dataset\n\n" + markdown_table(
         [[s["records"], s["accepted"], s["rejected"], s["negatives"], *s["splits"].values()]],
         ["records", "accepted", "rejected", "negatives", *s["splits"]]) + f"\ndata version `{s['data_version']}`\n"
@@ -50,7 +46,7 @@ def render_labels(ws: Layout) -> dict:
 
 
 def render_train(ws: Layout) -> dict:
-    create_table_artifact(key="training-curve", table=_rows(ws.train_history),
+    create_table_artifact(key="training-curve", table=read_csv_rows(ws.train_history),
                           description="loss and validation mAP per epoch")
     return read_json(ws.train_summary)
 
@@ -62,7 +58,7 @@ def render_evaluate(ws: Layout) -> dict:
         key="test-metrics", description="test metrics at the tuned thresholds",
         markdown=f"## Test metrics ({t['images']} images)\n\n"
                  + markdown_table([(k, t[k]) for k in SHOWN_METRICS if t.get(k) is not None], ["metric", "value"]))
-    create_table_artifact(key="per-label-metrics", table=_rows(ws.per_label),
+    create_table_artifact(key="per-label-metrics", table=read_csv_rows(ws.per_label),
                           description="test AP, F1, threshold and support per label")
     return metrics
 
@@ -85,16 +81,13 @@ def render_register(ws: Layout) -> dict:
     return {**r, "url": url, "store": store.uri}
 
 
-RENDERERS = {"ingest": render_ingest, "labels": render_labels, "train": render_train,
+RENDERERS = {"sample": render_sample, "ingest": render_ingest, "labels": render_labels, "train": render_train,
              "evaluate": render_evaluate, "register": render_register}
-UPSTREAM = {"ingest"}  # also runs the stages it depends on (the sample data, when ingest reads it)
-
-
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient_only)
 def stage(name: str, workdir: str) -> dict:
     """Run one dvc.yaml stage through DVC and publish its artifacts; returns its summary and
     whether it ran (False: DVC found it up to date)."""
-    ran = run_stage(name, workdir, with_upstream=name in UPSTREAM)
+    ran = run_stage(name, workdir)
     return {**RENDERERS[name](Layout(workdir)), "ran": ran}
 
 

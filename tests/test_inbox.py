@@ -11,9 +11,10 @@ import yaml
 from PIL import Image
 
 from multitag.config import parse_params
-from multitag.inbox import LEDGER, READY, REPORT, BatchRejected, Inbox, RawData, read_batch
+from multitag.inbox import READY, REPORT, BatchRejected, Inbox, read_batch, take_in
+from multitag.layout import Layout
+from multitag.lineage import LEDGER, RawData, commit_message, plan, save_state, update_lineage
 from multitag.registry import Registry
-from multitag.lineage import commit_message, plan, save_state, state_path, take_in, update_params
 from multitag.storage import open_store
 from tests.conftest import ROOT, tiny_params
 from tests.test_registry import _card, _model_file
@@ -40,7 +41,7 @@ def params(tmp_path, store_uri):
     p = tiny_params(retrain={"inbox": f"{base}/inbox", "archive": f"{base}/archive", "rejected": f"{base}/rejected",
                              "min_new_images": 3})
     p["store"]["uri"] = f"{base}/store"
-    return parse_params(p)
+    return parse_params(p, lineage={"raw": "started"})  # the origin data set is not part of these tests
 
 
 def test_batches_are_applied_once_deduplicated_and_archived(params, tmp_path):
@@ -57,7 +58,7 @@ def test_batches_are_applied_once_deduplicated_and_archived(params, tmp_path):
     # a batch still arriving (no marker) is left alone
     inbox.incoming.put_file("b3/labels.csv", b2_dir / "labels.csv")
 
-    intake = take_in(params, ws)
+    intake = take_in(params, Layout(ws))
     assert [e["batch"] for e in intake["applied"]] == ["b1", "b2"] and intake["rejected"] == []
     e1, e2 = intake["applied"]
     assert (e1["added"], e1["duplicates"], e1["new_labels"]) == (3, 0, ["cat", "dog"])
@@ -74,7 +75,7 @@ def test_batches_are_applied_once_deduplicated_and_archived(params, tmp_path):
 
     # nothing new: nothing changes
     before = (raw.root / LEDGER).read_bytes()
-    assert take_in(params, ws)["applied"] == []
+    assert take_in(params, Layout(ws))["applied"] == []
     assert (raw.root / LEDGER).read_bytes() == before
 
 
@@ -94,7 +95,7 @@ def test_bad_batches_are_rejected_with_a_report_and_others_proceed(params, tmp_p
     inbox.incoming.put_file("badopts/labels.csv", good / "labels.csv")
     inbox.incoming.put_bytes(f"badopts/{READY}", b'{"delimiter": "||"}')
 
-    intake = take_in(params, ws)
+    intake = take_in(params, Layout(ws))
     assert [e["batch"] for e in intake["applied"]] == ["good"]
     [bad] = intake["applied"][0]["rejected"]
     assert (bad["record"], bad["image"], intake["applied"][0]["added"]) == ("line 3", "bad.png", 1)
@@ -129,7 +130,7 @@ def test_a_run_stopped_midway_is_finished_without_applying_twice(params, tmp_pat
     inbox.incoming.delete(f"b2/{READY}")
     inbox.incoming.delete("b2/c.png")
 
-    intake = take_in(params, ws)
+    intake = take_in(params, Layout(ws))
     assert intake["applied"] == [] and [e["batch"] for e in raw.ledger()] == ["b1"]
     assert inbox.batches() == {}
     assert json.loads(inbox.archive.get_bytes(f"b1/{REPORT}")[0])["added"] == 2
@@ -140,31 +141,32 @@ def test_a_run_stopped_midway_is_finished_without_applying_twice(params, tmp_pat
 def test_plan_waits_for_enough_images_then_fine_tunes_or_trains_afresh(params, tmp_path):
     ws = tmp_path / "ws"
     inbox = Inbox(params, ws)
-    assert plan(params, ws)["reason"].startswith("no raw data yet")
+    assert plan(params, Layout(ws))["reason"].startswith("no raw data yet")
     inbox.add(make_batch(tmp_path / "b1", {"a.png": "a b", "b.png": "c"}), params.ingest, {}, name="b1")
-    take_in(params, ws)
-    p = plan(params, ws)
+    take_in(params, Layout(ws))
+    p = plan(params, Layout(ws))
     assert (p["train"], p["new_images"]) == (False, 2) and "fewer than retrain.min_new_images (3)" in p["reason"]
-    assert plan(params, ws, force=True)["train"] is True
+    assert plan(params, Layout(ws), force=True)["train"] is True
     inbox.add(make_batch(tmp_path / "b2", {"c.png": "a"}, seed=2), params.ingest, {}, name="b2")
-    take_in(params, ws)
-    p = plan(params, ws)
+    take_in(params, Layout(ws))
+    p = plan(params, Layout(ws))
     assert (p["train"], p["init_from"], p["reason"]) == (True, None, "training from scratch: no champion yet")
 
     registry = Registry(open_store(params.store.uri, ws), params.register.name)
     registry.register({"model.pt": _model_file(tmp_path / "1.pt", 1)}, _card(0.8))  # labels a, b, c
-    p = plan(params, ws)
-    assert (p["init_from"], p["champion"], p["champion_map"]) == (1, 1, 0.8)
+    p = plan(params, Layout(ws))
+    assert (p["init_from"], p["champion"], p["champion_map"], p["new_labels"]) == (1, 1, 0.8, [])
     assert p["reason"] == "fine-tuning from champion v1 (label vocabulary unchanged)"
-    assert commit_message(p, {"test_map": 0.85, "version": 2, "champion": True}) == \
-        "retrain: +3 images, 3 new labels, mAP 0.800 → 0.850 (v2 promoted)"
+    # the arrow compares the champion re-scored on the candidate's test set, as the register stage did
+    assert commit_message(p, {"test_map": 0.85, "version": 2, "champion": True, "champion_map": 0.81}) == \
+        "retrain: +3 images, mAP 0.810 → 0.850 (v2 promoted)"
 
-    save_state(state_path(params, ws), {"versioned": ["b1", "b2"], "trained": ["b1", "b2"]})
-    assert plan(params, ws)["reason"] == "no new images since the last training"
+    save_state(Layout(ws), {"trained": ["b1", "b2"]})
+    assert plan(params, Layout(ws))["reason"] == "no new images since the last training"
     inbox.add(make_batch(tmp_path / "b3", {"d.png": "zebra", "e.png": "a", "f.png": "b"}, seed=3),
               params.ingest, {}, name="b3")
-    take_in(params, ws)
-    p = plan(params, ws)
+    take_in(params, Layout(ws))
+    p = plan(params, Layout(ws))
     assert (p["train"], p["init_from"], p["new_labels"]) == (True, None, ["zebra"])
     assert p["reason"] == "training from scratch: new label(s) ['zebra']"
 
@@ -183,14 +185,13 @@ def test_inbox_add_refuses_a_bad_folder_and_a_taken_name(params, tmp_path):
     assert sorted(inbox.batches()) == ["b"]
 
 
-def test_update_params_keeps_comments_and_reports_changes(tmp_path):
-    path = tmp_path / "params.yaml"
-    path.write_text((ROOT / "params.yaml").read_text())
-    assert update_params(path, {"ingest": {"format": "jsonl"}, "train": {"init_from": 3}}) == \
-        ["ingest.format", "train.init_from"]
-    text = path.read_text()
-    assert "# Every tunable of the pipeline" in text and "init_from: 3" in text
-    assert yaml.safe_load(text)["ingest"]["format"] == "jsonl"
-    assert update_params(path, {"ingest": {"format": "jsonl"}}) == []
-    update_params(path, {"train": {"init_from": None}})
-    assert "init_from: null" in path.read_text()
+def test_lineage_file_records_and_reloads(tmp_path):
+    ws = Layout(tmp_path)
+    ws.params.write_text((ROOT / "params.yaml").read_text())
+    params = parse_params(yaml.safe_load(ws.params.read_text()))
+    before = ws.params.read_bytes()
+    params = update_lineage(ws, params, init_from=3, store="s3://b/p")
+    assert (params.lineage.init_from, params.store.uri) == (3, "s3://b/p")
+    assert ws.params.read_bytes() == before  # params.yaml stays as the user wrote it
+    assert ws.lineage.read_text().startswith("# Written by multitag")
+    assert yaml.safe_load(ws.lineage.read_text())["lineage"]["init_from"] == 3

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from multitag.models import build_model, save_model_file
-from multitag.registry import CHAMPION, Registry
+from multitag.registry import CHAMPION, Comparison, Registry
 from multitag.errors import NotFound
 from multitag.storage import open_store
 
@@ -53,15 +53,23 @@ def test_versions_champion_rule_and_idempotence(registry, tmp_path):
     assert registry.store.exists("registry/m/versions/000004/MODEL_CARD.md")
 
 
-def test_champion_rescored_when_test_sets_differ(registry, tmp_path):
+def test_champion_compared_by_the_given_comparison_and_never_across_unlike_models(registry, tmp_path):
     registry.register({"model.pt": _model_file(tmp_path / "1.pt", 1)}, _card(0.95, "T1"))
+    r = registry.register({"model.pt": _model_file(tmp_path / "2.pt", 2)}, _card(0.99, "T2"))
+    assert not r.champion and "test set differs from champion v1's" in r.reason  # no comparison given: no promotion
+    other = {**_card(0.99), "labels": ["x"]}
+    r = registry.register({"model.pt": _model_file(tmp_path / "3.pt", 3)}, other)
+    assert not r.champion and "label vocabulary differs" in r.reason
     seen = []
 
-    def rescore(version):
-        seen.append(version)
-        return 0.70  # the old champion on the new, larger test set
-    r = registry.register({"model.pt": _model_file(tmp_path / "2.pt", 2)}, _card(0.80, "T2"), rescore=rescore)
-    assert seen == [1] and r.champion and "re-scored" in r.reason
+    def rescored(card, champion):
+        seen.append(champion["version"])
+        return Comparison(champion["version"], True, card["metrics"]["test"]["map"], 0.70, ", champion re-scored")
+    r = registry.register({"model.pt": _model_file(tmp_path / "4.pt", 4)}, _card(0.80, "T2"), compare=rescored)
+    assert seen == [1] and r.champion and "re-scored" in r.reason and (r.champion_map, r.compared_map) == (0.7, 0.8)
+    assert registry.card(4)["comparison"]["champion_map"] == 0.7  # the card says how it was compared
+    nan = registry.register({"model.pt": _model_file(tmp_path / "5.pt", 5)}, _card(float("nan")))
+    assert not nan.champion and "never promoted" in nan.reason
 
 
 def test_incomplete_version_is_invisible(registry, tmp_path):

@@ -40,18 +40,19 @@ def artifact_keys(api: str, run_id: str) -> set[str]:
 
 
 def retrain_workspace(ws: Path, **overrides) -> Path:
-    """A git + DVC workspace set up for retraining (params sections updated by ``overrides``), with
-    the sample data made: the batch to add."""
+    """A git + DVC workspace set up for retraining (params sections updated by ``overrides``) that has
+    not run the pipeline yet (its sample data is not made: retraining starts from the inbox alone),
+    with a batch of sample images to add in ``new-images/``."""
     overrides["retrain"] = {"min_new_images": 10, **overrides.get("retrain", {})}
     init_workspace(ws, tiny_params(**overrides))
     run(["git", "add", "-A"], ws)
     run(["git", "commit", "-qm", "workspace"], ws)
-    run([str(BIN / "multitag"), "sample-data"], ws)
+    run([str(BIN / "multitag"), "sample-data", "--out", "new-images"], ws)
     return ws
 
 
 def add_sample_batch(ws: Path, env: dict) -> str:
-    out = run([str(BIN / "multitag"), "inbox", "add", "data/sample", "--annotations", "annotations.csv",
+    out = run([str(BIN / "multitag"), "inbox", "add", "new-images", "--annotations", "annotations.csv",
                "--images", "images", "--name", "batch-1"], ws, env=env)
     assert out.stdout.startswith("batch batch-1: ") and "image(s) added to " in out.stdout
     return "batch-1"
@@ -126,8 +127,9 @@ def test_scheduled_run_retrains_registers_archives_and_publishes(scheduled):
     msg = run(["git", "log", "-1", "--format=%s"], ws).stdout.strip()
     assert msg.startswith("retrain: +48 images, ") and msg.endswith("(v1 promoted)")
     committed = run(["git", "show", "--name-only", "--format=", "HEAD"], ws).stdout.split()
-    assert {"data/raw.dvc", "dvc.lock", "params.yaml"} <= set(committed)
-    assert run(["git", "status", "--porcelain", "--", "dvc.lock", "params.yaml", "data/raw.dvc"], ws).stdout == ""
+    assert {"data/raw.dvc", "dvc.lock", "lineage.yaml"} <= set(committed) and "params.yaml" not in committed
+    assert run(["git", "status", "--porcelain", "--", "dvc.lock", "lineage.yaml", "data/raw.dvc", "params.yaml"],
+               ws).stdout == ""
     # one at a time: no two runs of the deployment overlapped
     spans = sorted((r["start_time"], r["end_time"]) for r in runs)
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))

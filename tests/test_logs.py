@@ -1,6 +1,6 @@
 import logging
 
-from multitag.redact import MASK, RedactingFilter, redact
+from multitag.logs import MASK, RedactingFilter, redact
 
 
 def test_secret_env_values_are_masked(monkeypatch, caplog):

@@ -1,0 +1,63 @@
+"""Interruption and noise: Ctrl-C stops a real `multitag run` at once with one line, and the next run
+resumes; a plain shell (no analytics settings in the environment) gets a clean log."""
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from tests.conftest import BIN, init_workspace, tiny_params
+from tests.test_retrain_server import wait_for
+
+pytestmark = pytest.mark.slow
+
+QUIET_VARS = ("DO_NOT_TRACK", "DVC_NO_ANALYTICS", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_LEVEL",
+              "PREFECT_API_URL")
+
+
+def _plain_shell_env(tmp_path) -> dict:
+    """A user's shell: none of the telemetry settings, Prefect's state in a fresh home."""
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_VARS}
+    return {**env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "prefect-home")}
+
+
+def _run_in_plain_shell(ws, tmp_path):
+    proc = subprocess.run([str(BIN / "multitag"), "run"], cwd=ws, env=_plain_shell_env(tmp_path), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_ctrl_c_stops_a_run_at_once_with_one_line_and_the_next_run_resumes(tmp_path):
+    ws = init_workspace(tmp_path / "ws", tiny_params(sample={"n_images": 160}, train={"epochs": 40, "patience": 40}))
+    proc = subprocess.Popen([str(BIN / "multitag"), "run"], cwd=ws, env=_plain_shell_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    checkpoint = ws / ".multitag/checkpoints/last.pt"
+    wait_for(lambda: checkpoint.exists() or proc.poll() is not None, 300, "the first training checkpoint", 0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground process group
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("multitag run did not stop within 10 s of Ctrl-C")
+    assert proc.returncode == 130
+    assert "Traceback" not in err, err[-3000:]
+    [line] = [x for x in err.splitlines() if "interrupted" in x]
+    assert "interrupted during stage train; run `multitag run` again to resume" in line
+    assert not (ws / "models/model.pt").exists()
+
+    resumed = _run_in_plain_shell(ws, tmp_path)
+    assert "registered version       v1" in resumed.stdout
+    log = json.loads((ws / ".multitag/runs/train.json").read_text())
+    assert log["resumed_from_epoch"] >= 1 and log["start"].startswith("resumed from .multitag/checkpoints/last.pt")
+
+
+def test_a_plain_shell_gets_a_clean_log(tmp_path):
+    ws = init_workspace(tmp_path / "ws")
+    proc = _run_in_plain_shell(ws, tmp_path)
+    assert "Traceback" not in proc.stderr and "database is locked" not in proc.stderr
+    assert "telemetry" not in proc.stderr.lower() and "analytics" not in proc.stderr.lower()
+    assert "stages run               sample, ingest, labels, train, evaluate, register" in proc.stdout

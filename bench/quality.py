@@ -1,17 +1,20 @@
-"""Seed recipe against multitag's default recipe: same data, same test split, same wall-clock budget.
+"""Recipes compared on the hard data set at the same wall-clock training budget.
 
-    .venv/bin/python bench/quality.py                      # the built-in sample data (params.yaml)
-    .venv/bin/python bench/quality.py --annotations DIR_OR_FILE [--images DIR] [--format coco]
+    .venv/bin/python bench/quality.py --images 4000 --budget 240
+    .venv/bin/python bench/quality.py --data sample          # the built-in digits instead
 
-The seed recipe is what the tutorials this project grew from write by hand, implemented faithfully
-in PyTorch: the Keras-style CNN (Conv32 -> Conv64 -> MaxPool -> Flatten -> Dense, sigmoid outputs;
-`simple_cnn`), binary cross-entropy, Adam (lr 1e-3), batch 32, a fixed 0.5 threshold, and every
-image decoded and resized with PIL in the training process on every epoch.
+Each row trains for the same number of seconds (multitag rows through train.time_budget_s, which
+fits the epochs and the one-cycle schedule to it; the seed rows stop when the time is spent) on the
+same train split and is scored on the same test split with the same metric code:
 
-multitag's recipe is params.yaml's (ingest, labels, train, evaluate stages called directly). Its
-wall time (ingest + labels + train + evaluate) is the budget; the seed recipe then trains for the
-same number of seconds (whole batches until the budget is spent; its test-set scoring is not
-counted). Both are scored on multitag's test split (content-hash split) with the same metrics.
+- seed@N: what the tutorials this project grew from write by hand: the Keras-style CNN
+  (`simple_cnn`), BCE, Adam 1e-3, batch 32, a fixed 0.5 threshold, every image decoded and resized
+  with PIL in the training loop, at N px (the rows try several sizes: the best is the one to beat);
+- the shipped default (params.yaml's train section at its ingest.image_size), then the rows given
+  by --rows: named variants of it (augmentation presets, image size, loss, EMA, head).
+
+Prints a table (test mAP, micro-F1, macro-F1, mAP of the head/medium/tail thirds of the labels by
+training frequency, the AP of the five rarest labels) and, last, the ratios against the best seed.
 """
 
 from __future__ import annotations
@@ -27,109 +30,153 @@ import torch
 from PIL import Image
 from torch import nn
 
-from multitag.config import load_params
+from multitag.config import SampleParams, load_params
 from multitag.evaluate import evaluate, score_split
-from multitag.ingest import MANIFEST, images_root, ingest
-from multitag.labels import TARGETS, make_labels
+from multitag.ingest import images_root, ingest
+from multitag.labels import make_labels
+from multitag.layout import Layout
+from multitag.metrics import frequency_buckets
 from multitag.models import build_model, predict_scores
 from multitag.sample_data import write_sample_data
-from multitag.train import load_split, train
+from multitag.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Named variants of the shipped default: (ingest changes, train changes).
+VARIANTS = {
+    "aug-none": ({}, {"augment": {"preset": "none"}}),
+    "aug-photos": ({}, {"augment": {"preset": "photos"}}),
+    "aug-strong": ({}, {"augment": {"preset": "strong"}}),
+    "photos-asl": ({}, {"augment": {"preset": "photos"}, "loss": "asl"}),
+    "photos-focal": ({}, {"augment": {"preset": "photos"}, "loss": "focal"}),
+    "photos-ema": ({}, {"augment": {"preset": "photos"}, "ema_decay": 0.998}),
+    "photos-mldecoder": ({}, {"augment": {"preset": "photos"}, "head": "mldecoder"}),
+    "photos-lr6e-3": ({}, {"augment": {"preset": "photos"}, "lr": 0.006}),
+    "photos-tta": ({}, {"augment": {"preset": "photos"}, "eval_augment": "hflip"}),
+    "photos-tta-ema": ({}, {"augment": {"preset": "photos"}, "eval_augment": "hflip", "ema_decay": 0.998}),
+    "photos-posweight": ({}, {"augment": {"preset": "photos"}, "pos_weight": True}),
+    "photos-tta-mldecoder": ({}, {"augment": {"preset": "photos"}, "eval_augment": "hflip", "head": "mldecoder"}),
+    "48px-photos": ({"image_size": 48}, {"augment": {"preset": "photos"}}),
+    "64px": ({"image_size": 64}, {}),
+    "64px-photos": ({"image_size": 64}, {"augment": {"preset": "photos"}}),
+    "64px-photos-asl": ({"image_size": 64}, {"augment": {"preset": "photos"}, "loss": "asl"}),
+    "64px-photos-ema": ({"image_size": 64}, {"augment": {"preset": "photos"}, "ema_decay": 0.998}),
+    "64px-photos-mldecoder": ({"image_size": 64}, {"augment": {"preset": "photos"}, "head": "mldecoder"}),
+    "96px-photos": ({"image_size": 96}, {"augment": {"preset": "photos"}}),
+}
 
-def seed_batch(paths: list[Path], size: int) -> torch.Tensor:
-    """The seed data path: PIL decode + resize per image, every time it is used (uint8 NHWC)."""
-    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size)))
-                                      for p in paths]))
 
+def seed_recipe(paths, y_train, test_paths, size: int, budget: float, seed: int = 0):
+    """The seed tutorials' loop: PIL decode + resize of every image of every batch, every epoch."""
+    def batch(ps):
+        return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in ps]))
 
-def seed_recipe(train_paths, y_train, test_paths, size: int, budget: float, seed: int = 0):
     torch.manual_seed(seed)
     model = build_model("simple_cnn", y_train.shape[1], size)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.BCEWithLogitsLoss()
-    start, epochs, steps = time.perf_counter(), 0, 0
-    device = torch.device("cpu")
+    start, epochs = time.perf_counter(), 0
     while time.perf_counter() - start < budget:
-        order = np.random.default_rng(seed + epochs).permutation(len(train_paths))
+        order = np.random.default_rng(seed + epochs).permutation(len(paths))
         for i in range(0, len(order), 32):
             idx = order[i:i + 32]
-            x = seed_batch([train_paths[j] for j in idx], size).permute(0, 3, 1, 2).float() / 255
+            x = batch([paths[j] for j in idx]).permute(0, 3, 1, 2).float() / 255
             model.train()
             loss = loss_fn(model(x), torch.from_numpy(y_train[idx]).float())
             opt.zero_grad()
             loss.backward()
             opt.step()
-            steps += 1
             if time.perf_counter() - start >= budget:
                 break
         epochs += 1
-    trained = time.perf_counter() - start
-    scores = np.concatenate([predict_scores(model, seed_batch(test_paths[i:i + 256], size), device)
-                             for i in range(0, len(test_paths), 256)])
-    return scores, trained, epochs, steps
+    return np.concatenate([predict_scores(model, batch(test_paths[i:i + 256]), torch.device("cpu"))
+                           for i in range(0, len(test_paths), 256)])
+
+
+def row(name: str, y_test, scores, thresholds, y_train, labels, seconds) -> dict:
+    summary, ap, _ = score_split(y_test, scores, thresholds)
+    rare = np.argsort(y_train.sum(0), kind="stable")[:5]
+    out = {"recipe": name, "mAP": summary["map"], "micro-F1": summary["micro_f1"], "macro-F1": summary["macro_f1"],
+           **{f"{k} mAP": float(np.nanmean(ap[idx])) for k, idx in frequency_buckets(y_train.sum(0)).items()},
+           "train s": round(seconds)}
+    out.update({f"AP {labels[j]}": float(ap[j]) for j in rare})
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--annotations", help="annotations file or VOC folder (default: the built-in sample data)")
-    ap.add_argument("--images", default="", help="image folder (default: next to the annotations)")
-    ap.add_argument("--format", default="auto")
-    ap.add_argument("--image-column", default=None)
-    ap.add_argument("--tags-column", default=None)
-    ap.add_argument("--delimiter", default=None)
+    ap.add_argument("--data", choices=["hard", "sample"], default="hard")
+    ap.add_argument("--images", type=int, default=4000)
+    ap.add_argument("--budget", type=float, default=240, help="training seconds for every row")
+    ap.add_argument("--seed-sizes", default="32,64,96", help="image sizes the seed recipe tries")
+    ap.add_argument("--rows", default="aug-none,aug-photos,aug-strong,64px,64px-photos",
+                    help=f"variants of the default to run, from {', '.join(VARIANTS)}")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = ap.parse_args()
     params = load_params(args.params)
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        overrides = {"cache": None, "format": args.format}
-        if args.annotations:
-            overrides.update(annotations=args.annotations, images=args.images)
-            for key in ("image_column", "tags_column", "delimiter"):
-                if getattr(args, key) is not None:
-                    overrides[key] = getattr(args, key)
-            name = args.annotations
-        else:
-            sample = write_sample_data(params.sample, tmp / "sample")
-            overrides.update(annotations=str(tmp / "sample" / "annotations.csv"), images=str(tmp / "sample" / "images"))
-            name = f"built-in sample data ({sample.images} images)"
-        p_ingest = params.ingest.model_copy(update=overrides)
+        sample = SampleParams(preset=args.data if args.data == "hard" else "digits", n_images=args.images,
+                              image_size=128 if args.data == "hard" else 64)
+        write_sample_data(sample, tmp / "data", params.ingest.val_fraction, params.ingest.test_fraction)
+        base = params.ingest.model_copy(update={"annotations": str(tmp / "data/annotations.csv"),
+                                                "images": str(tmp / "data/images")})
 
-        start = time.perf_counter()
-        fmt = ingest(p_ingest, tmp / "prepared", tmp / "reports").format
-        make_labels(tmp / "prepared", tmp / "labels", tmp / "reports")
-        fit = train(params.train, tmp / "prepared", tmp / "labels", tmp / "models", tmp / "reports")
-        ours = evaluate(params.evaluate, tmp / "models" / "model.pt", tmp / "prepared", tmp / "labels",
-                        tmp / "reports")["test"]
-        budget = time.perf_counter() - start
+        def prepared(ingest_changes: dict) -> Layout:
+            ws = Layout(tmp / f"ws-{ingest_changes.get('image_size', base.image_size)}")
+            if not ws.targets.exists():
+                ingest(base.model_copy(update=ingest_changes), ws)
+                make_labels(ws)
+            return ws
 
-        manifest = pd.read_parquet(tmp / "prepared" / MANIFEST)
-        y = np.load(tmp / "labels" / TARGETS)
-        root = Path(images_root(p_ingest, fmt))
+        def multitag_row(name: str, ingest_changes: dict, train_changes: dict) -> None:
+            ws = prepared(ingest_changes)
+            p = params.train.model_validate({**params.train.model_dump(), **train_changes, "time_budget_s": args.budget})
+            for f in (ws.model, ws.checkpoint):
+                f.unlink(missing_ok=True)
+            start = time.perf_counter()
+            train(p, ws)
+            seconds = time.perf_counter() - start
+            evaluate(params.evaluate, ws)
+            manifest, y = pd.read_parquet(ws.manifest), np.load(ws.targets)
+            te, tr = (manifest["split"] == "test").to_numpy(), (manifest["split"] == "train").to_numpy()
+            from multitag.models import load_model_file
+            net, meta = load_model_file(ws.model)
+            x_all = np.concatenate([np.load(s) for s in sorted(ws.shards.glob("*.npy"))])
+            scores = predict_scores(net, x_all[te], torch.device("cpu"), tta=meta["tta"])
+            thresholds = np.asarray(pd.read_json(ws.thresholds, typ="series")["thresholds"])
+            results.append(row(name, y[te], scores, thresholds, y[tr], meta["labels"], seconds))
+            print(f"  {name}: test mAP {results[-1]['mAP']:.4f}", flush=True)
+
+        ws = prepared({})
+        manifest, y = pd.read_parquet(ws.manifest), np.load(ws.targets)
+        labels = __import__("json").loads(ws.vocabulary.read_text())["labels"]
+        root = Path(images_root(base, "tags_csv"))
         paths = np.array([root / s for s in manifest["source"]], dtype=object)
         tr, te = (manifest["split"] == "train").to_numpy(), (manifest["split"] == "test").to_numpy()
-        scores, trained, epochs, steps = seed_recipe(list(paths[tr]), y[tr], list(paths[te]), p_ingest.image_size,
-                                                     budget, params.train.seed)
-        seed, _, _ = score_split(y[te], scores, np.full(y.shape[1], 0.5))
-        _, y_test, _ = load_split(tmp / "prepared", tmp / "labels", "test")
-        assert np.array_equal(y_test.numpy(), y[te])  # both scored on the same test images and labels
+        print(f"data: {args.data}, {len(manifest)} images ({tr.sum()} train / {te.sum()} test), {len(labels)} labels; "
+              f"training budget {args.budget:.0f} s per row; {torch.get_num_threads()} CPU threads", flush=True)
+        for size in (int(s) for s in args.seed_sizes.split(",")):
+            start = time.perf_counter()
+            scores = seed_recipe(list(paths[tr]), y[tr], list(paths[te]), size, args.budget, params.train.seed)
+            results.append(row(f"seed@{size}px", y[te], scores, np.full(len(labels), 0.5), y[tr], labels,
+                               time.perf_counter() - start))
+            print(f"  seed@{size}px: test mAP {results[-1]['mAP']:.4f}", flush=True)
+        multitag_row(f"default ({params.train.model}, {base.image_size}px, {params.train.augment.preset})", {}, {})
+        for name in filter(None, args.rows.split(",")):
+            multitag_row(name, *VARIANTS[name])
 
-    t = params.train
-    print(f"dataset: {name}; {int(tr.sum())} train / {int(te.sum())} test images, {y.shape[1]} labels, "
-          f"{p_ingest.image_size} px; {torch.get_num_threads()} CPU threads")
-    print(f"multitag: {t.model}, loss {t.loss}, EMA {t.ema_decay or 'off'}, augment {t.augment.preset or 'custom'}, "
-          f"{t.schedule}, {fit.epochs_run} epochs, thresholds tuned on val ({params.evaluate.threshold_metric}); "
-          f"wall time {budget:.0f} s")
-    print(f"seed: simple_cnn, BCE, Adam 1e-3, batch 32, PIL decode per epoch, threshold 0.5; "
-          f"{epochs} epoch(s) ({steps} steps) in {trained:.0f} s")
-    print(f"{'metric':<14}{'seed':>9}{'multitag':>10}{'difference':>12}")
-    for key, label in (("map", "test mAP"), ("micro_f1", "micro-F1"), ("macro_f1", "macro-F1"),
-                       ("hamming_loss", "Hamming loss")):
-        print(f"{label:<14}{seed[key]:>9.4f}{ours[key]:>10.4f}{ours[key] - seed[key]:>+12.4f}")
-    print(f"ratio: test mAP multitag - seed = {100 * (ours['map'] - seed['map']):+.1f} points "
-          f"at the same wall-clock budget ({budget:.0f} s)")
+    table = pd.DataFrame(results)
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4f}".format):
+        print(table.to_string(index=False))
+    seeds = table[table["recipe"].str.startswith("seed@")]
+    best_seed = seeds.loc[seeds["mAP"].idxmax()]
+    default = table[table["recipe"].str.startswith("default")].iloc[0]
+    best = table.loc[table["mAP"].idxmax()]
+    print(f"ratio: default - best seed ({best_seed['recipe']}) = {100 * (default['mAP'] - best_seed['mAP']):+.1f} mAP points; "
+          f"best row ({best['recipe']}) - default = {100 * (best['mAP'] - default['mAP']):+.1f} points; "
+          f"best row - best seed = {100 * (best['mAP'] - best_seed['mAP']):+.1f} points, at {args.budget:.0f} s of training each")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""The `retrain` deployment: a schedule from params.yaml (retrain.cron, retrain.timezone) on a
-Prefect process work pool, at most one run at a time (later ones wait: collision strategy ENQUEUE).
-`multitag deploy` / `multitag serve` call these; infra/prefect.yaml describes the same deployment
+"""Deployments: `retrain` on a schedule from params.yaml (retrain.cron, retrain.timezone), at most
+one run at a time (later ones wait: collision strategy ENQUEUE), on a Prefect process work pool
+(this machine) or, with ``pool_type="kubernetes"``, on a Kubernetes work pool of GPU pods together
+with `training-pipeline` (one pod per flow run, the workspace cloned from its git repository).
+`multitag deploy` / `multitag serve` call these; infra/prefect.yaml describes the same deployments
 for `prefect deploy`."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron, Interval
 
+from flows.kubernetes import base_job_template
 from flows.retrain import retrain
 from multitag.config import load_params
 
@@ -29,12 +32,14 @@ def _schedule(workdir: Path, interval: float | None):
     return Cron(p.cron, timezone=p.timezone), p
 
 
-def ensure_work_pool(name: str) -> None:
+def ensure_work_pool(name: str, pool_type: str = "process") -> None:
+    """Create the work pool if missing (a Kubernetes one with multitag's GPU base job template)."""
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(name)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            template = base_job_template() if pool_type == "kubernetes" else {}
+            client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
 
 
 def deploy(workdir: Path, interval: float | None = None, name: str = DEPLOYMENT) -> str:
@@ -47,6 +52,27 @@ def deploy(workdir: Path, interval: float | None = None, name: str = DEPLOYMENT)
                            concurrency_limit=ONE_AT_A_TIME, parameters={"workdir": str(workdir)},
                            build=False, push=False, print_next_steps=False, tags=["multitag"], paused=False,
                            description=f"Retrain on new inbox batches in {workdir}"))
+
+
+def deploy_kubernetes(workdir: Path, repository: str, image: str, pool: str, gpus: int = 1,
+                      interval: float | None = None) -> list[str]:
+    """`retrain` (on its schedule) and `training-pipeline` on the Kubernetes work pool ``pool``: each
+    run a pod of ``image`` with ``gpus`` GPUs that clones ``repository`` (the workspace: code, DVC
+    files, params) and runs the flow there. Returns the deployment ids."""
+    from flows.pipeline import training_pipeline
+
+    schedule, _ = _schedule(workdir.resolve(), interval)
+    ensure_work_pool(pool, "kubernetes")
+    ids = []
+    for flow, entrypoint, schedules in ((retrain, "flows/retrain.py:retrain", [schedule]),
+                                        (training_pipeline, "flows/pipeline.py:training_pipeline", [])):
+        remote = flow.from_source(source=repository, entrypoint=entrypoint)
+        ids.append(str(remote.deploy(name=f"{flow.name}-gpu", work_pool_name=pool, image=image, build=False, push=False,
+                                     job_variables={"gpus": str(gpus)}, parameters={"workdir": "."},
+                                     schedules=schedules, concurrency_limit=ONE_AT_A_TIME, paused=False,
+                                     print_next_steps=False, tags=["multitag", "gpu"],
+                                     description=f"{flow.name} on GPU pods, workspace {repository}")))
+    return ids
 
 
 def serve(workdir: Path, interval: float | None = None, name: str = DEPLOYMENT) -> None:

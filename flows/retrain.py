@@ -16,13 +16,15 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from flows.pipeline import training_pipeline
 from multitag.config import load_params
 from multitag.inbox import take_in
 from multitag.layout import Layout
-from multitag.lineage import (commit_message, commit_paths, dvc_hash, load_state, origin_of, plan, retrain_lock,
-                              save_state, update_lineage)
+from multitag.drift import check_batch, record
+from multitag.lineage import (ORIGIN, RawData, commit_message, commit_paths, dvc_hash, load_state, origin_of, plan,
+                              retrain_lock, save_state, update_lineage)
 from multitag.report import markdown_table
 from tasks.dvc import dvc_add, push, retry_transient_only
 
@@ -58,6 +60,34 @@ def take_in_batches(workdir: str) -> dict:
     return intake
 
 
+@task(name="check-batches", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient_only)
+def check_batches(workdir: str, batches: list[str]):
+    """The champion on each new batch's own labels, before anything is retrained (multitag/drift.py).
+    A batch it does much worse on ends this task in the state "Flagged" (with a warning): a retrain
+    run goes on, and the UI shows it."""
+    ws = Layout(workdir)
+    params = load_params(ws.params)
+    ledger = {e["batch"]: e for e in RawData(ws.root / params.retrain.raw).ledger()}
+    checks = [check_batch(params, ws, ledger[name]) for name in batches]
+    record(ws, params, checks)
+    rows = [(c["batch"], c["images"], c.get("champion", "-"), c.get("batch_map", "-"), c.get("test_map", "-"),
+             c.get("drop", "-"), c.get("batch_micro_f1", "-"), " ".join(c.get("new_labels", [])) or "-",
+             ", ".join(f"{s['label']} {s['change']:+.2f}" for s in c.get("largest_shifts", [])) or "-",
+             "**FLAGGED**" if c.get("flagged") else c.get("reason", "ok")) for c in checks]
+    create_markdown_artifact(
+        key="batch-check", description="the champion on each new batch, before retraining",
+        markdown="## The champion on the new batches\n\n" + markdown_table(rows, [
+            "batch", "images", "champion", "mAP on the batch", "test mAP", "drop", "micro-F1 on the batch",
+            "labels new to it", "largest label shifts vs its training data", "verdict"]))
+    flagged = [c["batch"] for c in checks if c.get("flagged")]
+    if flagged:
+        message = (f"batch(es) {', '.join(flagged)}: the champion's mAP there is more than retrain.alert_drop below "
+                   "its test mAP (see the batch-check artifact)")
+        get_run_logger().warning("%s", message)
+        return Completed(name="Flagged", message=message, data=checks)
+    return checks
+
+
 @task(name="commit")
 def commit(workdir: str, raw: str, message: str) -> str | None:
     """Commit what the run recorded (only dvc.lock, the raw data's .dvc file and lineage.yaml)."""
@@ -75,6 +105,9 @@ def retrain(workdir: str = ".", force: bool = False) -> dict:
         params = load_params(ws.params)
         raw = params.retrain.raw.rstrip("/")
         intake = take_in_batches(str(ws.root))
+        new = [e["batch"] for e in intake["applied"] if e["batch"] != ORIGIN]
+        if new:
+            check_batches(str(ws.root), new)
         if intake["batches"]:  # the raw data exists: version it, and point ingest at it
             dvc_add(str(ws.root), raw)
             params = update_lineage(ws, params, raw=dvc_hash(ws.root / f"{raw}.dvc"), batches=len(intake["batches"]),

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
 
 from multitag.config import Params
 from multitag.layout import Layout, load_split, read_manifest, select_device
-from multitag.metrics import mean_ap
-from multitag.models import load_registered, predict_scores, weights_digest
+from multitag.metrics import per_label_ap
+from multitag.models import load_model_file, load_registered, predict_scores, weights_digest
 from multitag.registry import Comparison, Registry, git_commit
 from multitag.report import read_csv_rows, read_json, write_json
+from multitag.serving import export_onnx
 from multitag.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -32,19 +37,20 @@ def test_set_digest(layout: Layout) -> str:
 
 
 def comparer(registry: Registry, layout: Layout, vocabulary: list[str]):
-    """compare(card, champion record) -> Comparison for Registry.register: the champion is re-scored
-    on this model's test images when it was tested on others, and a model with more labels than the
-    champion is compared on the labels the champion knows. A champion knowing labels this model
-    lacks is a model of another data set: no comparison."""
-    ap = {row["label"]: float(row["ap"]) if row["ap"] else float("nan") for row in read_csv_rows(layout.per_label)}
+    """compare(card, champion record) -> Comparison for Registry.register. Both models are scored on
+    this run's test images (the champion re-scored there), label by label: a model with more labels
+    than the champion is compared on the labels the champion knows; a champion knowing labels this
+    model lacks is a model of another data set, and there is no comparison. The comparison also
+    gives both models' mAP on the head, medium and tail thirds of the labels."""
+    x, y, _ = load_split(layout, "test")
+    y = y.numpy()
+    bucket_of = {row["label"]: row["bucket"] for row in read_csv_rows(layout.per_label)}
+    device = select_device("auto")
 
-    def rescore(version: int, labels: list[str]) -> float:
-        x, y, _ = load_split(layout, "test")
-        device = select_device("auto")
-        model, meta = load_registered(registry, version, device)
+    def test_ap(model, meta, labels: list[str]) -> np.ndarray:
         scores = predict_scores(model, x, device, tta=meta["tta"])
-        return mean_ap(y.numpy()[:, [vocabulary.index(label) for label in labels]],
-                       scores[:, [meta["labels"].index(label) for label in labels]])
+        return per_label_ap(y[:, [vocabulary.index(label) for label in labels]],
+                            scores[:, [meta["labels"].index(label) for label in labels]])
 
     def compare(card: dict, champion: dict) -> Comparison:
         v = champion["version"]
@@ -54,16 +60,23 @@ def comparer(registry: Registry, layout: Layout, vocabulary: list[str]):
             return Comparison(v, False, note=(
                 f"not compared: champion v{v} knows labels this model lacks ({', '.join(lacking[:10])}), a model of "
                 "another data set; set register.name to a new name for it"))
-        if sorted(known) == sorted(vocabulary) and champion.get("test_set") == card["test_set"]:
-            return Comparison(v, True, card["metrics"]["test"]["map"], champion["test_map"])
         shared = [label for label in vocabulary if label in known]
+        ours = test_ap(*load_model_file(layout.model, device), shared)
+        theirs = test_ap(*load_registered(registry, v, device), shared)
         note = ", champion re-scored on this test set" if champion.get("test_set") != card["test_set"] else ""
         if len(shared) < len(vocabulary):
             note += f", both on the {len(shared)} labels the champion knows ({len(vocabulary) - len(shared)} new left out)"
-        candidate = [ap[label] for label in shared if ap[label] == ap[label]]
-        return Comparison(v, True, sum(candidate) / len(candidate) if candidate else float("nan"),
-                          rescore(v, shared), note)
+        buckets = {}
+        for name in ("head", "medium", "tail"):
+            idx = [i for i, label in enumerate(shared) if bucket_of[label] == name]
+            buckets[name] = [_mean(ours[idx]), _mean(theirs[idx])]
+        return Comparison(v, True, _mean(ours), _mean(theirs), note, buckets)
     return compare
+
+
+def _mean(ap: np.ndarray) -> float | None:
+    finite = ap[np.isfinite(ap)]
+    return round(float(finite.mean()), 6) if len(finite) else None
 
 
 def register_model(params: Params, layout: Layout) -> dict:
@@ -84,7 +97,9 @@ def register_model(params: Params, layout: Layout) -> dict:
     }
     files = {name: getattr(layout, attr) for name, attr in ARTIFACTS.items()}
     compare = comparer(registry, layout, thresholds["labels"])
-    reg = registry.register(files, card, params.register.min_improvement, compare, weights_digest(layout.model))
+    with tempfile.TemporaryDirectory() as tmp:  # every version also carries its ONNX export, for serving stacks
+        files["model.onnx"] = export_onnx(layout.model, Path(tmp) / "model.onnx", thresholds["thresholds"])
+        reg = registry.register(files, card, params.register.min_improvement, compare, weights_digest(layout.model))
     out = {"name": registry.name, "store": params.store.uri, **asdict(reg), "test_map": metrics["test"]["map"]}
     write_json(layout.registration, out)
     log.info("%s v%d %s; champion: %s (%s)", registry.name, reg.version,

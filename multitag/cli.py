@@ -21,6 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Multi-label image classification pipeline: ingest, labels, train, evaluate, register.")
 log = logging.getLogger("multitag")
 
+ParamsOption = Annotated[Path, typer.Option(help="params.yaml naming the store and the registered model")]
 Stage = Enum("Stage", {name: name for name in PIPELINE}, type=str)
 
 
@@ -85,20 +86,28 @@ def sample_data(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: sample.out in params.yaml)")] = None,
     n_images: Annotated[Optional[int], typer.Option(help="Number of images (default: sample.n_images)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (default: sample.seed)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="digits (the demo's) or hard (photos, 18 long-tailed labels, "
+                                                       "missing tags: to tell recipes apart)")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Image side in px (default: sample.image_size; 128 for hard)")] = None,
     params: Annotated[Path, typer.Option(help="params.yaml to read")] = Path("params.yaml"),
 ):
-    """Write the built-in sample data: scikit-learn's handwritten digits composed into multi-label images."""
-    from multitag.config import SampleParams
+    """Write built-in sample data: scikit-learn's handwritten digits composed into multi-label images,
+    or, with --preset hard, photos with digits and shapes in a long tail (see multitag/hard_data.py)."""
+    from multitag.config import Params, SampleParams
     from multitag.sample_data import write_sample_data
 
     _setup_logging()
     try:
-        p = load_params(params).sample if params.exists() else SampleParams()
-        updates = {k: v for k, v in {"n_images": n_images, "seed": seed}.items() if v is not None}
-        result = write_sample_data(p.model_copy(update=updates), out)
+        p = load_params(params) if params.exists() else Params()
+        if preset == "hard" and image_size is None:
+            image_size = max(128, p.sample.image_size)
+        updates = {k: v for k, v in {"n_images": n_images, "seed": seed, "preset": preset,
+                                     "image_size": image_size}.items() if v is not None}
+        sample = SampleParams.model_validate({**p.sample.model_dump(), **updates})
+        result = write_sample_data(sample, out, p.ingest.val_fraction, p.ingest.test_fraction)
     except EXPECTED as err:
         _fail(err)
-    typer.echo(f"{result.images} images ({result.empty} without digits), annotations: {result.annotations}")
+    typer.echo(f"{result.images} images ({result.empty} without labels), annotations: {result.annotations}")
 
 
 @app.command()
@@ -143,13 +152,14 @@ def run(
 
 @app.command()
 def predict(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively)")],
-    model: Annotated[str, typer.Option(help="Registry alias or version (champion, 3), or a model.pt file")] = "champion",
-    out: Annotated[Path, typer.Option(help="CSV file to write")] = Path("predictions.csv"),
+    folder: Annotated[str, typer.Argument(help="Folder of images (searched recursively), or s3://bucket/prefix")],
+    model: Annotated[str, typer.Option(help="Registry alias or version (champion, 3, v3), or a model file")] = "champion",
+    out: Annotated[str, typer.Option(help="File to write: .csv or .parquet, a path or s3://bucket/key")] = "predictions.csv",
     thresholds: Annotated[Optional[Path], typer.Option(help="thresholds.json for a model.pt file (default 0.5)")] = None,
+    engine: Annotated[str, typer.Option(help="torch (eager PyTorch) or onnx (the version's model.onnx in ONNX Runtime)")] = "torch",
     params: Annotated[Path, typer.Option(help="params.yaml naming the store and the registered model")] = Path("params.yaml"),
 ):
-    """Predict labels and per-label probabilities for every image in FOLDER."""
+    """Predict labels and per-label probabilities for every image in FOLDER (a folder or an S3 prefix)."""
     from multitag.predict import predict_folder
     from multitag.storage import open_store
 
@@ -157,11 +167,113 @@ def predict(
     try:
         p = load_params(params)
         result = predict_folder(folder, model, open_store(p.store.uri, params.parent), p.register.name, out,
-                                str(thresholds) if thresholds else None)
+                                str(thresholds) if thresholds else None, engine=engine, compute=p.compute)
     except EXPECTED as err:
         _fail(err)
     typer.echo(f"{result['predicted']} images predicted, {result['failed']} unreadable ({result['images']} files) "
                f"with {result['model']}: {result['out']}")
+
+
+@app.command()
+def suggest(
+    source: Annotated[str, typer.Argument(help="Unlabelled images: a folder (searched recursively) or s3://bucket/prefix")],
+    n: Annotated[int, typer.Option(help="How many images to suggest")] = 50,
+    model: Annotated[str, typer.Option(help="Registry alias or version, or a model file")] = "champion",
+    out: Annotated[Path, typer.Option(help="Folder for suggestions.csv and suggestions.png")] = Path("suggestions"),
+    batch: Annotated[Optional[Path], typer.Option(help="Also write the chosen images as an inbox batch folder, "
+                                                      "with a labels.csv whose tags a person fills in")] = None,
+    diversity: Annotated[float, typer.Option(help="How strongly near-duplicates are kept apart (0 = off)")] = 0.5,
+    params: ParamsOption = Path("params.yaml"),
+):
+    """Rank unlabelled images by how much annotating them would help the champion (labels near their
+    tuned thresholds), keeping near-duplicates apart; write the top N as a CSV and a contact sheet."""
+    import tempfile
+
+    import numpy as np
+
+    from multitag.predict import ImageSource, decode_batch, open_model
+    from multitag.storage import open_store
+    from multitag.suggest import suggest as rank, write_batch_skeleton, write_suggestions
+
+    _setup_logging()
+    try:
+        if n < 1:
+            raise ValueError("--n must be at least 1")
+        p = load_params(params)
+        source_ = ImageSource(source)
+        if not source_.names:
+            raise FileNotFoundError(f"no image files in {source}")
+        with tempfile.TemporaryDirectory() as tmp:
+            from multitag.layout import select_device
+            from multitag.registry import Registry
+            predictor, desc, _ = open_model(model, Registry(open_store(p.store.uri, params.parent), p.register.name),
+                                            None, "torch", Path(tmp), select_device("auto"))
+            names, arrays, errors = decode_batch(source_, source_.names, predictor.image_size)
+        if not names:
+            raise ValueError(f"none of the {len(errors)} image files in {source} could be read; first: "
+                             f"{next(iter(errors.items()))}")
+        images = np.stack(arrays)
+        table = rank(names, images, predictor.scores(images), predictor.thresholds, predictor.labels, n, diversity)
+        out.mkdir(parents=True, exist_ok=True)
+        write_suggestions(table, dict(zip(names, images)), out)
+        skeleton = write_batch_skeleton(table, source_.read, batch) if batch else None
+    except EXPECTED as err:
+        _fail(err)
+    for name, error in list(errors.items())[:5]:
+        log.warning("%s left out: %s", name, error)
+    typer.echo(f"{len(table)} of {len(names)} images suggested with {desc}: {out / 'suggestions.csv'}, "
+               f"{out / 'suggestions.png'}" + (f"; batch to fill in: {skeleton}" if skeleton else "")
+               + (f" ({len(errors)} unreadable left out)" if errors else ""))
+
+
+review_app = typer.Typer(no_args_is_help=True, help="Label review (the review stage): act on its findings.")
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("export")
+def review_export(out: Annotated[Path, typer.Option(help="New folder for the relabel batch")] = Path("relabel-batch"),
+                  workdir: Annotated[Path, typer.Option(help="DVC workspace")] = Path(".")):
+    """Write the rows of reports/label_issues.csv whose accept cell says yes as an inbox batch (the
+    images and a labels.csv with their suggested labels): then `multitag inbox add OUT`."""
+    from multitag.inbox import review_batch
+    from multitag.ingest import images_root
+    from multitag.lineage import ingest_params
+
+    _setup_logging()
+    try:
+        p = load_params(workdir / "params.yaml")
+        ingest = ingest_params(p)
+        count = review_batch(Layout(workdir), images_root(ingest, ingest.format), out)
+    except EXPECTED as err:
+        _fail(err)
+    typer.echo(f"{count} corrected image(s) in {out}; add them with: multitag inbox add {out}")
+
+
+@app.command()
+def export(
+    version: Annotated[str, typer.Argument(help="Registered version (3, v3) or alias (champion)")],
+    out: Annotated[Path, typer.Option(help="Folder to write model.onnx into")] = Path("export"),
+    format: Annotated[str, typer.Option(help="onnx (the only format)")] = "onnx",
+    params: Annotated[Path, typer.Option(help="params.yaml naming the store and the registered model")] = Path("params.yaml"),
+):
+    """Write a registered version as model.onnx (dynamic batch, sigmoid outputs, labels and tuned
+    thresholds in its metadata) for a serving stack; versions registered before ONNX export too."""
+    import tempfile
+
+    from multitag.serving import export_onnx
+
+    _setup_logging()
+    try:
+        if format != "onnx":
+            raise ValueError(f"--format: unknown format {format!r}; onnx is the one there is")
+        registry = _registry(params)
+        with tempfile.TemporaryDirectory() as tmp:
+            v, card = registry.download_model(version, Path(tmp) / "model.pt")
+            path = export_onnx(Path(tmp) / "model.pt", out / "model.onnx", card["thresholds"])
+    except EXPECTED as err:
+        _fail(err)
+    typer.echo(f"{registry.name} v{v} -> {path} (input images: float32 N x 3 x {card['params']['ingest']['image_size']} x "
+               f"{card['params']['ingest']['image_size']} in [0, 1]; output probabilities: N x {len(card['labels'])})")
 
 
 models_app = typer.Typer(no_args_is_help=True, help="List, inspect, promote and roll back registered models.")
@@ -170,7 +282,6 @@ app.add_typer(models_app, name="models")
 inbox_app = typer.Typer(no_args_is_help=True, help="New batches of annotated images for scheduled retraining.")
 app.add_typer(remote_app, name="remote")
 app.add_typer(inbox_app, name="inbox")
-ParamsOption = Annotated[Path, typer.Option(help="params.yaml naming the store and the registered model")]
 
 
 def _registry(params: Path):
@@ -343,14 +454,32 @@ DeploymentOption = Annotated[str, typer.Option(help="Deployment name (one per wo
 
 
 @app.command()
-def deploy(workdir: WorkdirOption = Path("."), interval: IntervalOption = None, name: DeploymentOption = "retrain"):
-    """Create (or update) the `retrain` deployment on the Prefect server in PREFECT_API_URL: the
-    schedule from params.yaml on a process work pool, one run at a time."""
+def deploy(workdir: WorkdirOption = Path("."), interval: IntervalOption = None, name: DeploymentOption = "retrain",
+           pool_type: Annotated[str, typer.Option(help="process (this machine) or kubernetes (GPU pods)")] = "process",
+           image: Annotated[Optional[str], typer.Option(help="kubernetes: the image built from infra/Dockerfile")] = None,
+           repository: Annotated[Optional[str], typer.Option(help="kubernetes: the workspace's git URL, cloned in each pod")] = None,
+           pool: Annotated[str, typer.Option(help="kubernetes: the work pool to create or use")] = "multitag-gpu",
+           gpus: Annotated[int, typer.Option(help="kubernetes: GPUs per flow-run pod")] = 1):
+    """Create (or update) deployments on the Prefect server in PREFECT_API_URL: `retrain` on the
+    schedule from params.yaml on a process work pool, one run at a time; with --pool-type kubernetes,
+    `retrain` and `training-pipeline` on a Kubernetes work pool of GPU pods."""
     from flows.server import require_api
 
     _setup_logging()
     try:
         require_api()
+        if pool_type == "kubernetes":
+            if not image or not repository:
+                raise ValueError("--pool-type kubernetes needs --image (built from infra/Dockerfile) and --repository "
+                                 "(the workspace's git URL)")
+            from flows.deploy import deploy_kubernetes
+            ids = deploy_kubernetes(workdir, repository, image, pool, gpus, interval)
+            typer.echo(f"deployments retrain/retrain-gpu and training-pipeline/training-pipeline-gpu ({', '.join(ids)}) "
+                       f"on Kubernetes work pool {pool!r}; start its worker in the cluster: prefect worker start "
+                       f"--pool {pool} --type kubernetes")
+            return
+        if pool_type != "process":
+            raise ValueError(f"--pool-type: unknown {pool_type!r}; choose process or kubernetes")
         from flows.deploy import deploy as deploy_retrain
         deployment = deploy_retrain(workdir, interval, name)
     except EXPECTED as err:

@@ -31,11 +31,19 @@ class _Section(BaseModel):
 
 class SampleParams(_Section):
     out: str = "data/sample"
+    preset: Literal["digits", "hard"] = "digits"  # hard: multitag/hard_data.py (photos, 18 long-tailed labels)
     n_images: int = Field(3000, ge=1)
     image_size: int = Field(64, ge=16)
-    max_digits: int = Field(4, ge=1, le=9)
-    empty_fraction: float = Field(0.05, ge=0, le=1)
+    max_digits: int = Field(4, ge=1, le=9)        # digits only
+    empty_fraction: float = Field(0.05, ge=0, le=1)  # digits only
+    missing_tags: float = Field(0.15, ge=0, lt=1)  # hard only: share of train tags dropped from the annotations
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _hard_is_large(self):
+        if self.preset == "hard" and self.image_size < 96:
+            raise ValueError("the hard preset draws images of 96 px or more (set image_size: 128)")
+        return self
 
 
 class IngestParams(_Section):
@@ -112,11 +120,23 @@ class AugmentParams(_Section):
         return v
 
 
+class KubernetesJobParams(_Section):
+    """The Indexed Job of a multi-node training on Kubernetes (train.launcher: kubernetes)."""
+    image: str | None = None            # the image built from infra/Dockerfile
+    namespace: str = "default"
+    gpus: int = Field(1, ge=0)          # per node (pod)
+    aws_secret: str = "multitag-aws"    # a Secret with the AWS credentials, passed with envFrom
+    shm_size: str = "8Gi"
+
+
 class TrainParams(_Section):
     # Any torchvision classification model by name, compact_cnn or simple_cnn (see README).
     model: str = "compact_cnn"
-    pretrained: str | None = None
+    head: Literal["linear", "mldecoder"] = "linear"  # mldecoder: label queries attending over spatial features
+    pretrained: str | None = None  # a local weights file, or torchvision weights by name (ResNet18_Weights.IMAGENET1K_V1)
     epochs: int = Field(20, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)  # fit the number of epochs (and the schedule) to this many
+                                                     # seconds of training, from the measured speed (epochs ignored)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.003, gt=0)
     weight_decay: float = Field(0.05, ge=0)
@@ -135,7 +155,13 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(0, ge=0)         # 0: the train split is read into memory once; N: N DataLoader
                                           # processes read each batch from the shards (larger than memory)
-    devices: int = Field(1, ge=1)         # > 1: DistributedDataParallel over this many processes (GPUs)
+    devices: int = Field(1, ge=1)         # > 1: DistributedDataParallel over this many processes (GPUs) per node
+    nodes: int = Field(1, ge=1)           # > 1: torchrun on this many machines, meeting at rdzv_endpoint
+    rdzv_endpoint: str | None = Field(None, pattern=r"^[^\s:]+:[0-9]+$")  # host:port, the same on every node
+    rdzv_id: str = Field("multitag", pattern=r"^[A-Za-z0-9_.-]+$")
+    join_timeout_s: float = Field(600, gt=0)  # a node that never arrives ends the run after this long
+    launcher: Literal["local", "kubernetes"] = "local"  # kubernetes: the stage runs an Indexed Job of `nodes` pods
+    kubernetes: KubernetesJobParams = KubernetesJobParams()
     compile: bool = False                 # torch.compile the model for training
     augment: AugmentParams = AugmentParams()
     eval_augment: Literal["none", "hflip"] = "none"  # test-time: average over the image and its mirror
@@ -162,6 +188,13 @@ class RegisterParams(_Section):
     min_improvement: float = Field(0.0, ge=0)
 
 
+class ReviewParams(_Section):
+    enabled: bool = False         # the review stage trains `folds` models: off unless asked for
+    folds: int = Field(5, ge=2, le=20)  # out-of-sample probabilities from this many folds (2 is the cheap setting)
+    time_budget_s: float | None = Field(None, gt=0)  # seconds of training per fold (default: train's epochs)
+    threshold: float = Field(0.7, ge=0.5, lt=1)  # likely missing: not given, p >= this; likely extra: given, p < 1 - this
+
+
 class StoreParams(_Section):
     uri: str = "store"
 
@@ -172,9 +205,16 @@ class RetrainParams(_Section):
     rejected: str = "inbox-rejected"  # unusable batches are moved here, with _report.json saying why
     raw: str = "data/raw"         # the accumulated raw data (images by content hash + annotations), DVC-tracked
     min_new_images: int = Field(50, ge=1)  # retrain once this many new or relabelled images are waiting
+    alert_drop: float = Field(0.1, gt=0, le=1)  # flag a batch the champion scores this much mAP below its test
     cron: str = "0 3 * * *"       # schedule of the `retrain` deployment
     timezone: str = "UTC"
     work_pool: str = "multitag"   # a Prefect process work pool
+
+
+class ComputeParams(_Section):
+    """Which engine runs the image work of ingest and predict (multitag/compute.py)."""
+    dask: str | None = Field(None, pattern=r"^(local:[1-9][0-9]*|tcp://[^\s/]+:[0-9]+)$")  # null | local:N | tcp://host:port
+    chunk: int = Field(256, ge=1)  # images per task
 
 
 class LineageParams(_Section):
@@ -194,8 +234,10 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     # "register" would shadow BaseModel's ABC method; the field has another name, the key stays.
     register_: RegisterParams = Field(RegisterParams(), alias="register")
+    review: ReviewParams = ReviewParams()
     store: StoreParams = StoreParams()
     retrain: RetrainParams = RetrainParams()
+    compute: ComputeParams = ComputeParams()
     lineage: LineageParams = LineageParams()  # from lineage.yaml, not params.yaml
 
     @property

@@ -58,6 +58,10 @@ class BatchRejected(IngestError):
         self.rejected = rejected or []
 
 
+class ComputeError(RuntimeError, ConnectionError):
+    """The Dask cluster is unreachable or went away: worth a retry once it is back."""
+
+
 class StageFailed(RuntimeError):
     """A pipeline stage failed on bad input or a bug: retrying would fail again."""
 
@@ -67,7 +71,7 @@ class TransientStageError(StageFailed):
 
 
 # Errors a user can act on: logged as their message alone, never with a traceback.
-USER_ERRORS = (ConfigError, IngestError, RecordError, LineageError, NotFound, StoreError, StageFailed)
+USER_ERRORS = (ConfigError, IngestError, RecordError, LineageError, NotFound, StoreError, StageFailed, ComputeError)
 # What the CLI reports in one paragraph (no traceback); anything else is a bug and keeps its traceback.
 EXPECTED = (ConfigError, IngestError, RecordError, LineageError, NotFound, StoreError, StageFailed,
             ValueError, LookupError, RuntimeError, OSError)

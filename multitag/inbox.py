@@ -38,6 +38,7 @@ from multitag.images import decode, sha256
 from multitag.ingest import check_tags, image_bytes, images_root
 from multitag.layout import Layout
 from multitag.lineage import ORIGIN, RawData, origin_of, summary
+from multitag.report import read_csv_rows, write_csv
 from multitag.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -313,3 +314,33 @@ def take_in(params: Params, layout: Layout) -> dict:
         elif inbox.rejected.exists(f"{name}/{REPORT}"):
             inbox.finish(name, inbox.rejected, {})  # already copied there: only the deletion was left
     return {"applied": applied, "rejected": rejected, "batches": list(ledger)}
+
+
+ACCEPTED = {"y", "yes", "1", "true", "x", "ok"}  # an accept cell of reports/label_issues.csv
+
+
+def review_batch(layout: Layout, images_root: str, dest: Path) -> int:
+    """Write the rows of reports/label_issues.csv a person accepted (``accept``: yes) as a batch
+    folder for `multitag inbox add`: the images and a labels.csv with their ``suggested`` labels
+    (edit that column to correct it). Returns the number of images."""
+    if not layout.label_issues.exists():
+        raise FileNotFoundError(f"{layout.label_issues} not found: run the review stage first (review.enabled: true)")
+    accepted = [r for r in read_csv_rows(layout.label_issues) if r["accept"].strip().lower() in ACCEPTED]
+    if not accepted:
+        raise ValueError(f"no row of {layout.label_issues} is accepted: write yes in the accept column of the rows "
+                         "whose suggested labels are right (edit suggested to correct them)")
+    if dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} is not empty: choose a new folder for the batch")
+    files = {}  # every image is checked before anything is written
+    for r in accepted:
+        data = image_bytes(images_root, r["image"])
+        if hashlib.sha256(data).hexdigest() != r["sha256"]:
+            raise ValueError(f"{r['image']} changed since the review (its content hash differs): review again")
+        files[f"{r['sha256'][:16]}{Path(r['image']).suffix.lower()}"] = (data, r["suggested"])
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, (data, suggested) in files.items():
+        (dest / "images" / name).write_bytes(data)
+        rows.append((name, suggested))
+    write_csv(dest / "labels.csv", ["image_name", "tags"], rows)
+    return len(rows)

@@ -15,17 +15,17 @@ import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from multitag.config import IngestParams, Params
+from multitag.compute import executor, map_chunks
+from multitag.config import ComputeParams, IngestParams, Params
 from multitag.errors import IngestError, RecordError
 from multitag.formats import Record, read_records
 from multitag.images import DECODE_VERSION, IMAGE_SUFFIXES, decode, read_bytes, read_s3, resolve_image, sha256
-from multitag.layout import MANIFEST, SHARDS, Layout, read_manifest
+from multitag.layout import MANIFEST, SHARDS, Layout, read_manifest, split_for
 from multitag.lineage import check_data_set, ingest_params
 from multitag.progress import progress
 from multitag.report import replace_dir, write_atomic, write_csv, write_json
@@ -60,14 +60,6 @@ class IngestResult:
     data_version: str
     issues_report: str
     label_warnings: list
-
-
-def split_for(digest: str, val_fraction: float, test_fraction: float) -> str:
-    """train/val/test from the content hash alone, so adding images never moves an old one."""
-    u = int(digest[:16], 16) / 2**64
-    if u < test_fraction:
-        return "test"
-    return "val" if u < test_fraction + val_fraction else "train"
 
 
 def check_tags(record: Record, fmt: str, p: IngestParams) -> tuple[str, ...]:
@@ -158,19 +150,27 @@ def _load_record(args):
         return row, None, None, str(err), False
 
 
-def _decode_all(jobs: list, workers: int):
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(jobs) < 256:  # a process pool costs more than it saves on tiny inputs
-        yield from progress(map(_load_record, jobs), len(jobs), "ingest", "images", log)
-        return
-    with Pool(workers) as pool:
-        yield from progress(pool.imap(_load_record, jobs, chunksize=64), len(jobs), "ingest", "images", log)
+def _load_chunk(jobs: list) -> list:
+    return [_load_record(job) for job in jobs]
 
 
-def ingest(p: IngestParams, layout: Layout, cache: bool = True) -> IngestResult:
+def _decode_all(jobs: list, workers: int, compute: ComputeParams):
+    """Every job's (row, digest, pixels, error, from cache), in job order, on the engine compute says."""
+    local = 1 if len(jobs) < 256 and compute.dask is None else workers  # a pool costs more than it saves
+    chunk = compute.chunk if compute.dask else max(16, min(compute.chunk, len(jobs) // (4 * (os.cpu_count() or 1)) + 1))
+    with executor(compute, local) as pool:
+        chunks = map_chunks(_load_chunk, jobs, pool, chunk, compute.dask or "this machine")
+        for results in progress(chunks, -(-len(jobs) // chunk), "ingest", f"chunks of {chunk} images", log):
+            yield from results
+
+
+def ingest(p: IngestParams, layout: Layout, cache: bool = True, compute: ComputeParams = ComputeParams()) -> IngestResult:
     """Validate every record, decode and resize images, write shards + manifest and the issues report.
     Outputs depend on the annotations, the images' bytes and ``p`` alone (``cache``: reuse decodes
-    kept in the workspace's decode cache, which changes speed, never results)."""
+    kept in the workspace's decode cache, which changes speed, never results; ``compute``: where the
+    decoding runs, this machine or a Dask cluster, which changes nothing else either)."""
+    if compute.dask and compute.dask.startswith("tcp://"):
+        cache = False  # the workers are other machines: the workspace's cache folder is not theirs
     fmt, records = read_records(p)
     root = images_root(p, fmt)
     issues: list[tuple[int, str, str]] = []
@@ -188,7 +188,7 @@ def ingest(p: IngestParams, layout: Layout, cache: bool = True) -> IngestResult:
     kept: list[dict] = []
     pixels: dict[int, np.ndarray] = {}
     cached = 0
-    for row, digest, arr, error, hit in _decode_all(jobs, p.workers):
+    for row, digest, arr, error, hit in _decode_all(jobs, p.workers, compute):
         cached += hit
         if error:
             issues.append((row, names[row], error))
@@ -257,7 +257,7 @@ def ingest(p: IngestParams, layout: Layout, cache: bool = True) -> IngestResult:
 def run(params: Params, layout: Layout) -> IngestResult:
     """The ingest stage as dvc.yaml runs it: the data set of this workspace's lineage (params.yaml's,
     or the raw data once retraining began), refusing one another champion was trained on."""
-    result = ingest(ingest_params(params), layout)
+    result = ingest(ingest_params(params), layout, compute=params.compute)
     labels = {t for tags in read_manifest(layout, ["tags"])["tags"] for t in tags}
     check_data_set(params, layout, labels)
     return result

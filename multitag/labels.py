@@ -44,53 +44,85 @@ def multi_hot(tag_lists, vocabulary: list[str]) -> np.ndarray:
     return y
 
 
-def label_stats(y: np.ndarray, vocabulary: list[str], splits) -> dict:
-    """Frequency per label (overall and per split), labels-per-image histogram, co-occurrence counts."""
+def label_stats(y: np.ndarray, vocabulary: list[str], splits, top: int = 30, pairs: int = 20,
+                min_pair: int = 3) -> dict:
+    """Frequency per label (overall and per split), labels per image, and co-occurrence: P(b | a) among
+    the ``top`` most frequent labels, and the ``pairs`` strongest pairs of all (by the cosine
+    n_ab / sqrt(n_a n_b), which favours pairs seen together often over rare coincidences; seen together
+    in at least ``min_pair`` images; with their lift). Co-occurrence is counted only where labels meet
+    (a sparse product), so the cost grows with the data, not with the square of the vocabulary."""
+    from scipy import sparse
+
     splits = np.asarray(splits)
+    freq = y.sum(axis=0).astype(np.int64)
     per_image = Counter(y.sum(axis=1).tolist())
-    co = (y.T.astype(np.int64) @ y.astype(np.int64))
+    co = (sparse.csr_matrix(y.astype(np.int64)).T @ sparse.csr_matrix(y.astype(np.int64))).tocoo()
+    keep = (co.row < co.col) & (co.data >= min_pair)
+    a, b, n_ab = co.row[keep], co.col[keep], co.data[keep]
+    lift = n_ab * len(y) / np.maximum(freq[a] * freq[b], 1)
+    cosine = n_ab / np.sqrt(np.maximum(freq[a] * freq[b], 1))
+    strongest = np.argsort(-cosine, kind="stable")[:pairs]
+    top_idx = [int(j) for j in np.argsort(-freq, kind="stable")[:top] if freq[j] > 0]
+    dense = (y[:, top_idx].T.astype(np.int64) @ y[:, top_idx].astype(np.int64)) if top_idx else np.zeros((0, 0))
     return {
         "images": int(len(y)),
         "labels": list(vocabulary),
-        "frequency": {label: int(c) for label, c in zip(vocabulary, y.sum(axis=0))},
+        "frequency": {label: int(c) for label, c in zip(vocabulary, freq)},
         "frequency_by_split": {s: {label: int(c) for label, c in zip(vocabulary, y[splits == s].sum(axis=0))}
                                for s in ("train", "val", "test")},
         "labels_per_image": {str(k): int(v) for k, v in sorted(per_image.items())},
         "mean_labels_per_image": float(y.sum(axis=1).mean()) if len(y) else 0.0,
-        "cooccurrence": co.tolist(),
+        "top_labels": [vocabulary[j] for j in top_idx],
+        "conditional": np.round(dense / np.maximum(freq[top_idx], 1)[:, None], 4).tolist(),  # row a, column b: P(b | a)
+        "pairs": [{"a": vocabulary[a[k]], "b": vocabulary[b[k]], "images": int(n_ab[k]),
+                   "p_b_given_a": round(float(n_ab[k] / freq[a[k]]), 4), "p_a_given_b": round(float(n_ab[k] / freq[b[k]]), 4),
+                   "cosine": round(float(cosine[k]), 4), "lift": round(float(lift[k]), 3)} for k in strongest],
     }
 
 
 def plot_stats(stats: dict, path: Path) -> None:
+    """Three panels that stay readable from 2 to thousands of labels: images per label (log scale,
+    sorted, the most and least frequent named), labels per image, and P(b | a) among the most
+    frequent labels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = stats["labels"]
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not labels:  # every image is a negative
         fig, ax = plt.subplots(figsize=(8, 3))
         ax.axis("off")
         ax.text(0.5, 0.5, f"no positive labels: all {stats['images']} images are negatives", ha="center",
                 va="center", fontsize=14)
-        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=80)
         plt.close(fig)
         return
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.8))
-    a.bar(range(len(labels)), [stats["frequency"][x] for x in labels])
-    a.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 12 else 0)
-    a.set_title("images per label")
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(18, 5.5), gridspec_kw={"width_ratios": [1.3, 0.7, 1.1]})
+    ranked = sorted(labels, key=lambda x: -stats["frequency"][x])
+    counts = [max(stats["frequency"][x], 0.8) for x in ranked]  # zero counts drawn just under 1 on the log axis
+    a.bar(range(len(ranked)), counts, width=1.0 if len(ranked) > 60 else 0.8, color="tab:blue")
+    a.set_yscale("log")
+    a.set_ylabel("images (log scale)")
+    a.set_title(f"images per label, {len(labels)} labels, most frequent first")
+    if len(ranked) <= 30:
+        a.set_xticks(range(len(ranked)), [x[:20] for x in ranked], rotation=90, fontsize=8)
+    else:  # name the five most and the five least frequent
+        a.set_xticks([])
+        a.set_xlabel("labels, by frequency")
+        for i in [*range(5), *range(len(ranked) - 5, len(ranked))]:
+            a.annotate(f"{ranked[i][:18]} ({stats['frequency'][ranked[i]]})", (i, counts[i]), rotation=70,
+                       fontsize=7, xytext=(0, 4), textcoords="offset points", ha="left")
     hist = stats["labels_per_image"]
-    b.bar([int(k) for k in hist], list(hist.values()))
-    b.set_title("labels per image")
-    b.set_xlabel("labels")
-    im = c.imshow(np.asarray(stats["cooccurrence"]), cmap="viridis")
-    c.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 12 else 0)
-    c.set_yticks(range(len(labels)), labels)
-    c.set_title("label co-occurrence (images)")
-    fig.colorbar(im, ax=c)
+    b.bar([int(k) for k in hist], list(hist.values()), color="tab:gray")
+    b.set(title="labels per image", xlabel="labels", ylabel="images")
+    top = stats["top_labels"]
+    im = c.imshow(np.asarray(stats["conditional"]) if top else np.zeros((1, 1)), cmap="viridis", vmin=0, vmax=1)
+    c.set_xticks(range(len(top)), [x[:16] for x in top], rotation=90, fontsize=7)
+    c.set_yticks(range(len(top)), [x[:16] for x in top], fontsize=7)
+    c.set(title=f"P(column | row) among the {len(top)} most frequent labels", xlabel="b", ylabel="a")
+    fig.colorbar(im, ax=c, fraction=0.046)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 PARAMS = "params.yaml"
 LINEAGE = "lineage.yaml"          # machine-written state of the data lineage (multitag/lineage.py)
@@ -39,6 +43,9 @@ PER_LABEL = "reports/per_label.csv"
 PR_CURVES = "reports/plots/pr"    # one CSV per label (DVC plots)
 PR_PLOT = "reports/plots/pr_curves.png"
 REGISTRATION = "reports/registration.json"
+LABEL_ISSUES = "reports/label_issues.csv"       # review
+LABEL_ISSUES_PLOT = "reports/plots/label_issues.png"
+REVIEW_SUMMARY = "reports/review.json"
 
 # Not outputs: state a workspace keeps between runs, never versioned (git- and DVC-ignored).
 SCRATCH = ".multitag"
@@ -54,13 +61,15 @@ STAGE_OUTPUTS: dict[str, dict[str, list[str]]] = {
     "train": {"outs": [MODEL, TRAIN_SUMMARY, TRAIN_HISTORY]},
     "evaluate": {"outs": [THRESHOLDS, PER_LABEL, PR_CURVES, PR_PLOT], "metrics": [METRICS]},
     "register": {"outs": [REGISTRATION]},
+    "review": {"outs": [LABEL_ISSUES, LABEL_ISSUES_PLOT], "metrics": [REVIEW_SUMMARY]},
 }
 # The module holding each stage's function (its code deps are what this module imports).
 STAGE_MODULES = {"sample": "multitag.sample_data", "ingest": "multitag.ingest", "labels": "multitag.labels",
-                 "train": "multitag.train", "evaluate": "multitag.evaluate", "register": "multitag.champion"}
+                 "train": "multitag.train", "evaluate": "multitag.evaluate", "register": "multitag.champion",
+                 "review": "multitag.review"}
 # What `multitag run` and `dvc repro` run, in order. The sample stage runs even when ingest reads other
 # data (a few seconds): one graph, so that `git clone` + `dvc pull` restores every stage's outputs.
-PIPELINE = ["sample", "ingest", "labels", "train", "evaluate", "register"]
+PIPELINE = ["sample", "ingest", "labels", "train", "evaluate", "register", "review"]
 
 # manifest.parquet: one row per accepted image, sorted by sha256; row i <-> targets.npy row i.
 MANIFEST_COLUMNS = {
@@ -72,6 +81,14 @@ MANIFEST_COLUMNS = {
     "shard": "int64",     # shard file number
     "offset": "int64",    # row inside the shard
 }
+
+
+def split_for(digest: str, val_fraction: float, test_fraction: float) -> str:
+    """train/val/test from the content hash alone, so adding images never moves an old one."""
+    u = int(digest[:16], 16) / 2**64
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
 
 
 class Layout:
@@ -92,6 +109,8 @@ class Layout:
         self.metrics, self.thresholds, self.per_label = r / METRICS, r / THRESHOLDS, r / PER_LABEL
         self.pr_curves, self.pr_plot = r / PR_CURVES, r / PR_PLOT
         self.registration = r / REGISTRATION
+        self.label_issues, self.label_issues_plot, self.review_summary = (
+            r / LABEL_ISSUES, r / LABEL_ISSUES_PLOT, r / REVIEW_SUMMARY)
         self.checkpoint, self.decode_cache, self.run_log = r / CHECKPOINT, r / DECODE_CACHE, r / RUN_LOG
 
     def shard(self, number: int) -> Path:
@@ -104,6 +123,7 @@ def read_manifest(layout: Layout, columns: list[str] | None = None) -> pd.DataFr
 
 def select_device(preference: str = "auto") -> torch.device:
     """``auto``: the GPU when CUDA is available, else the CPU; ``cuda`` fails clearly without one."""
+    import torch  # here, not at the top: the stages without a model start without torch
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
     if preference == "cpu" or not torch.cuda.is_available():
@@ -133,6 +153,7 @@ class ShardSplit:
         return self.shape[0]
 
     def __getitem__(self, idx) -> torch.Tensor:
+        import torch
         idx = np.asarray(idx)
         out = np.empty((len(idx), *self.shape[1:]), np.uint8)
         for shard in np.unique(self.shard[idx]):
@@ -141,11 +162,12 @@ class ShardSplit:
         return torch.from_numpy(out)
 
 
-def load_split(layout: Layout, split: str, targets: bool = True, in_memory: bool = True):
-    """(images uint8 NHWC, float targets or None, manifest rows) of one split, read from the shards
-    (``in_memory=False``: a ShardSplit that reads each batch from them when asked)."""
+def load_split(layout: Layout, split: str | None, targets: bool = True, in_memory: bool = True):
+    """(images uint8 NHWC, float targets or None, manifest rows) of one split (None: every image),
+    read from the shards (``in_memory=False``: a ShardSplit that reads each batch from them when asked)."""
+    import torch
     manifest = read_manifest(layout)
-    rows = manifest.index[manifest["split"] == split].to_numpy()
+    rows = manifest.index[(manifest["split"] == split) if split else slice(None)].to_numpy()
     y = torch.from_numpy(np.load(layout.targets)[rows].astype(np.float32)) if targets else None
     if not in_memory:
         return ShardSplit(layout, manifest.loc[rows]), y, manifest.loc[rows]

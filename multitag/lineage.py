@@ -286,9 +286,11 @@ def commit_message(plan_: dict, result: dict | None) -> str:
         parts.append(f"{len(plan_['new_labels'])} new label{'s' if len(plan_['new_labels']) > 1 else ''}")
     if result is None:
         return f"retrain: {', '.join(parts)} (not trained: {plan_['reason']})"
-    before = f"{result['champion_map']:.3f}" if result.get("champion_map") is not None else "none"
+    compared = result.get("champion_map") is not None
+    before = f"{result['champion_map']:.3f}" if compared else "none"
+    after = result["compared_map"] if compared and result.get("compared_map") is not None else result["test_map"]
     verdict = "promoted" if result["champion"] else "not promoted"
-    return f"retrain: {', '.join(parts)}, mAP {before} → {result['test_map']:.3f} (v{result['version']} {verdict})"
+    return f"retrain: {', '.join(parts)}, mAP {before} → {after:.3f} (v{result['version']} {verdict})"
 
 
 def commit_paths(workspace: Path, paths: list[str], message: str) -> str | None:

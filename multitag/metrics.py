@@ -32,8 +32,52 @@ def average_precision(y: np.ndarray, s: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def _ranked_columns(y: np.ndarray, scores: np.ndarray):
+    """Every label at once: (sorted scores, cumulative true and false positives, positives, end), each
+    (images, labels), highest score first; ``end`` marks the last image of each run of equal scores."""
+    order = np.argsort(-scores, axis=0, kind="mergesort")
+    s = np.take_along_axis(scores, order, 0)
+    yy = np.take_along_axis(y, order, 0).astype(np.float64)
+    tp = np.cumsum(yy, 0)
+    fp = np.arange(1, len(s) + 1)[:, None] - tp
+    end = np.ones(s.shape, bool)
+    end[:-1] = s[:-1] != s[1:]
+    return s, yy, tp, fp, tp[-1] if len(s) else np.zeros(y.shape[1]), end
+
+
 def per_label_ap(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    return np.array([average_precision(y[:, j], scores[:, j]) for j in range(y.shape[1])])
+    """Average precision of every label (NaN without positives), vectorised over labels: each positive
+    adds precision at the end of its run of tied scores, as average_precision does."""
+    if len(y) == 0:
+        return np.full(y.shape[1], np.nan)
+    _, yy, tp, fp, positives, end = _ranked_columns(y, scores)
+    n = len(yy)
+    end_index = np.where(end, np.arange(n)[:, None], n)
+    next_end = np.minimum.accumulate(end_index[::-1], axis=0)[::-1]  # the end of each image's tie run
+    precision = tp / (tp + fp)
+    at_end = np.take_along_axis(precision, next_end, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = (yy * at_end).sum(0) / positives
+    return np.where(positives > 0, ap, np.nan)
+
+
+def frequency_buckets(train_counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Label indices of the head, medium and tail thirds by training frequency (most frequent first;
+    ties keep label order)."""
+    order = np.argsort(-np.asarray(train_counts), kind="stable")
+    return dict(zip(("head", "medium", "tail"), np.array_split(order, 3)))
+
+
+def bucket_metrics(y: np.ndarray, scores: np.ndarray, pred: np.ndarray, buckets: dict[str, np.ndarray]) -> dict:
+    """mAP, micro-F1 and micro recall of each bucket of labels (NaN where a bucket has no positives)."""
+    ap = per_label_ap(y, scores)
+    out = {}
+    for name, idx in buckets.items():
+        cls = classification_metrics(y[:, idx], pred[:, idx]) if len(idx) else {}
+        finite = ap[idx][np.isfinite(ap[idx])]
+        out[name] = {"labels": int(len(idx)), "map": float(finite.mean()) if len(finite) else float("nan"),
+                     "micro_f1": cls.get("micro_f1", float("nan")), "recall": cls.get("micro_recall", float("nan"))}
+    return out
 
 
 def mean_ap(y: np.ndarray, scores: np.ndarray) -> float:
@@ -49,21 +93,23 @@ def tune_thresholds(y: np.ndarray, scores: np.ndarray, default: float = 0.5, met
     such threshold on ties). The threshold sits halfway between the chosen cut's score and the next
     lower one, so it generalises rather than sitting on a validation score. Labels with no positives
     keep ``default``."""
+    if metric not in ("f1", "precision_at_recall"):
+        raise ValueError(f"evaluate.threshold_metric: unknown {metric!r}")
     out = np.full(y.shape[1], default, dtype=np.float64)
-    for j in range(y.shape[1]):
-        positives = y[:, j].sum()
-        if positives == 0:
-            continue
-        tp, fp, thr = _ranked(y[:, j], scores[:, j])
+    if len(y) == 0:
+        return out
+    s, _, tp, fp, positives, end = _ranked_columns(y, scores)  # every label at once
+    with np.errstate(invalid="ignore", divide="ignore"):
         if metric == "f1":
             score = 2 * tp / (tp + fp + positives)
-        elif metric == "precision_at_recall":
-            score = np.where(tp / positives >= min_recall, tp / (tp + fp), -1.0)
         else:
-            raise ValueError(f"evaluate.threshold_metric: unknown {metric!r}")
-        k = int(np.argmax(score))
-        out[j] = (thr[k] + thr[k + 1]) / 2 if k + 1 < len(thr) else thr[k]
-    return out
+            score = np.where(tp / positives >= min_recall, tp / (tp + fp), -1.0)
+    score = np.where(end, score, -np.inf)  # cuts only between distinct scores
+    k = np.argmax(score, axis=0)
+    cols = np.arange(y.shape[1])
+    nxt = np.minimum(k + 1, len(s) - 1)
+    cut = np.where(k + 1 < len(s), (s[k, cols] + s[nxt, cols]) / 2, s[k, cols])
+    return np.where(positives > 0, cut, out)
 
 
 def _safe_div(a, b):

@@ -54,6 +54,7 @@ class Comparison:
     candidate_map: float | None = None
     champion_map: float | None = None
     note: str = ""          # how they were compared (e.g. ", champion re-scored on this test set"), or why not
+    buckets: dict | None = None  # head / medium / tail: [this version's mAP, the champion's]
 
 
 def compare_as_recorded(candidate: dict, champion: dict) -> Comparison:
@@ -140,13 +141,16 @@ class Registry:
             return None
         return json.loads(data), etag
 
-    def download_model(self, ref: str | int, dest: str | Path) -> tuple[int, dict]:
-        """Copy a version's model.pt to ``dest``, verifying its checksum; returns (version, card)."""
+    def download_model(self, ref: str | int, dest: str | Path, file: str = "model.pt") -> tuple[int, dict]:
+        """Copy a version's ``file`` (model.pt, model.onnx) to ``dest``, verifying its checksum;
+        returns (version, card). NotFound if the version has no such file."""
         version = self.resolve(ref)
         card = self.card(version)
-        self.store.get_file(self.version_key(version, "model.pt"), dest)
-        if file_digest(dest) != card["files"]["model.pt"]:
-            raise ValueError(f"model {self.name} v{version}: model.pt checksum mismatch (corrupt download?)")
+        if file not in card["files"]:
+            raise NotFound(f"model {self.name} v{version} has no {file}")
+        self.store.get_file(self.version_key(version, file), dest)
+        if file_digest(dest) != card["files"][file]:
+            raise ValueError(f"model {self.name} v{version}: {file} checksum mismatch (corrupt download?)")
         return version, card
 
     def _claim(self) -> int:
@@ -223,6 +227,9 @@ class Registry:
                 c = judged[1] if judged and judged[0] == current[1] else compare(card, current[0])
                 if not c.comparable:
                     return Registration(version, True, False, prev, c.note)
+                if not (_finite(c.candidate_map) and _finite(c.champion_map)):
+                    return Registration(version, True, False, prev, f"not compared: no test score on the labels "
+                                        f"compared (this version {c.candidate_map}, champion v{prev} {c.champion_map})")
                 decision = c.candidate_map > c.champion_map + min_improvement
                 reason = (f"test mAP {c.candidate_map:.4f} vs champion v{prev} {c.champion_map:.4f}{c.note} "
                           f"(min improvement {min_improvement})")
@@ -270,6 +277,18 @@ class Registry:
 
 def model_card_markdown(card: dict) -> str:
     metrics = markdown_table(card["metrics"]["test"].items(), ("metric", "value"))
+    buckets = card["metrics"].get("buckets")
+    if buckets:
+        metrics += "\nBy label frequency in training (thirds of the labels):\n\n" + markdown_table(
+            [(name, b["labels"], b["map"], b["micro_f1"], b["recall"]) for name, b in buckets.items()],
+            ("labels", "count", "mAP", "micro-F1", "recall"))
+    comparison = card.get("comparison")
+    if comparison and comparison.get("comparable"):
+        metrics += (f"\nCompared with champion v{comparison['champion']}: test mAP {comparison['candidate_map']:.4f} vs "
+                    f"{comparison['champion_map']:.4f}{comparison['note']}\n")
+        if comparison.get("buckets"):
+            metrics += "\n" + markdown_table([(name, cand, champ) for name, (cand, champ) in comparison["buckets"].items()],
+                                             ("labels", "this version mAP", "champion mAP"))
     thresholds = markdown_table(zip(card["labels"], card["thresholds"]), ("label", "threshold"))
     return (f"# {card['name']} v{card['version']}\n\n"
             f"- created: {card['created_at']}\n- architecture: {card['params']['train']['model']}\n"

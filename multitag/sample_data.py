@@ -77,11 +77,18 @@ def compose(rng: np.random.Generator, digits: np.ndarray, targets: np.ndarray, p
     return np.clip(img, 0, 255).astype(np.uint8), sorted(present)
 
 
-def write_sample_data(p: SampleParams, out: str | Path | None = None) -> SampleResult:
-    """Write ``p.n_images`` PNG images and ``annotations.csv`` (image_name,tags) under ``out``."""
+def write_sample_data(p: SampleParams, out: str | Path | None = None, val_fraction: float = 0.15,
+                      test_fraction: float = 0.2) -> SampleResult:
+    """Write ``p.n_images`` images and ``annotations.csv`` (image_name,tags) under ``out``: the digits
+    preset here, the hard one by multitag/hard_data.py (which drops tags only from the images the
+    split fractions put in train)."""
     from sklearn.datasets import load_digits
 
     out = Path(out or p.out)
+    if p.preset == "hard":
+        from multitag.hard_data import write_hard_data
+        made = write_hard_data(out, p.n_images, p.image_size, p.seed, p.missing_tags, val_fraction, test_fraction)
+        return SampleResult(images=made["images"], empty=made["empty"], annotations=str(out / "annotations.csv"))
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     data = load_digits()
@@ -100,4 +107,5 @@ def write_sample_data(p: SampleParams, out: str | Path | None = None) -> SampleR
 
 def run(params: Params, layout: Layout) -> SampleResult:
     """The sample stage as dvc.yaml runs it."""
-    return write_sample_data(params.sample, layout.root / params.sample.out)
+    return write_sample_data(params.sample, layout.root / params.sample.out, params.ingest.val_fraction,
+                             params.ingest.test_fraction)

@@ -39,7 +39,7 @@ from multitag.config import Params, TrainParams
 from multitag.layout import Layout, load_split, select_device
 from multitag.losses import ModelEma, make_loss
 from multitag.metrics import mean_ap
-from multitag.models import (build_model, load_registered, predict_scores, save_atomic, save_model_file, state_digest,
+from multitag.models import (MLDecoder, build_model, load_registered, predict_scores, save_atomic, save_model_file, state_digest,
                              to_input)
 from multitag.report import read_json, write_csv, write_json
 
@@ -50,16 +50,25 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_map", "val_map_raw", "val_map_ema
 
 @dataclass(frozen=True)
 class TrainResult:
-    """reports/train.json: a function of params and data alone (timings go to the run log)."""
+    """reports/train.json: a function of params and data alone (timings go to the run log), except
+    with train.time_budget_s, whose epochs depend on the machine's speed: then it also holds the
+    planned and actual seconds."""
     epochs_run: int
     best_epoch: int
     best_val_map: float | None
     stopped_early: bool
+    time_budget_s: float | None = None
+    planned_epochs: int | None = None
+    planned_seconds: float | None = None
+    seconds: float | None = None
 
 
 @dataclass
 class TrainState:
-    """Progress a checkpoint restores: the epoch reached, the best validation mAP so far, early stopping."""
+    """Progress a checkpoint restores: the epochs planned, the epoch reached, the best validation mAP
+    so far, early stopping."""
+    epochs: int = 1
+    planned_seconds: float | None = None
     epoch: int = 0
     best_map: float | None = None
     best_epoch: int = 0
@@ -163,7 +172,7 @@ def resolve_init(p: TrainParams, data: TrainData, init_from: int | None, registr
     pretrained weights file (train.pretrained: the backbone, the label head starts fresh); else random
     initialisation. Errors read ``<key>: <what is wrong>; <what to do>``."""
     pretrained = p.pretrained if init_from is None else None
-    model = build_model(p.model, len(data.vocabulary), data.image_size, pretrained)
+    model = build_model(p.model, len(data.vocabulary), data.image_size, pretrained, p.head)
     ckpt = checkpointer.load()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -172,11 +181,12 @@ def resolve_init(p: TrainParams, data: TrainData, init_from: int | None, registr
         if registry is None:
             raise ValueError(f"lineage.init_from: version {init_from} needs the registry; no store was given")
         start, meta = load_registered(registry, init_from)
-        want = (p.model, data.image_size, data.vocabulary)
-        if (meta["arch"], meta["image_size"], meta["labels"]) != want:
-            raise ValueError(f"lineage.init_from: version {init_from} is a {meta['arch']} at {meta['image_size']} px "
-                             f"with labels {meta['labels']}; this run trains a {want[0]} at {want[1]} px with labels "
-                             f"{want[2]}; train from scratch instead (the retrain flow does when labels change)")
+        want = (p.model, p.head, data.image_size, data.vocabulary)
+        if (meta["arch"], meta.get("head", "linear"), meta["image_size"], meta["labels"]) != want:
+            raise ValueError(f"lineage.init_from: version {init_from} is a {meta['arch']} ({meta.get('head', 'linear')} "
+                             f"head) at {meta['image_size']} px with labels {meta['labels']}; this run trains a "
+                             f"{want[0]} ({want[1]} head) at {want[2]} px with labels {want[3]}; train from scratch "
+                             "instead (the retrain flow does when labels change)")
         model.load_state_dict(start.state_dict())
         return model, f"registered version {init_from}", None
     return model, f"pretrained weights {p.pretrained}" if p.pretrained else "random initialisation", None
@@ -218,13 +228,14 @@ def steps_per_epoch(p: TrainParams, n_train: int) -> int:
     return n_train // world // p.batch_size or 1
 
 
-def build(p: TrainParams, data: TrainData, model: nn.Module, device: torch.device) -> Run:
-    """Optimizer, schedule, loss, mixed precision, EMA and the DDP / compile wrappers around ``model``."""
+def build(p: TrainParams, data: TrainData, model: nn.Module, device: torch.device, epochs: int) -> Run:
+    """Optimizer, schedule over ``epochs``, loss, mixed precision, EMA and the DDP / compile wrappers
+    around ``model``."""
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, p)
-    scheduler = make_scheduler(optimizer, p, steps_per_epoch(p, len(data.x_train)))
+    scheduler = make_scheduler(optimizer, p, steps_per_epoch(p, len(data.x_train)), epochs)
     amp_dtype, scaler = _amp(device)
     ema = ModelEma(model, p.ema_decay) if p.ema_decay else None
     forward = model
@@ -324,9 +335,41 @@ def validate(run: Run, data: TrainData, p: TrainParams) -> dict:
     return {"val_map": ema if kept == "ema" else raw, "val_map_raw": raw, "val_map_ema": ema, "kept": kept}
 
 
+def fit_epochs(p: TrainParams, data: TrainData, model: nn.Module, device: torch.device, seconds: float,
+               probe_steps: int = 12) -> tuple[int, float]:
+    """(epochs, their planned seconds) that fit ``seconds`` of training, from timed steps of a copy of
+    the model (training steps with augmentation, one validation pass): the schedule is then built
+    for that many epochs, so the run ends on time with its learning rate annealed."""
+    probe = copy.deepcopy(model).to(device)
+    probe_run = Run(probe, probe, make_optimizer(probe, p), None, make_loss(p, data.y_train).to(device), device,
+                    torch.Generator().manual_seed(p.seed + 1), amp_dtype=_amp(device)[0])
+    size = min(p.batch_size, len(data.x_train))
+    timings = []
+    for step in range(probe_steps + 1):  # the first step is a warm-up, not counted
+        idx = torch.randint(len(data.x_train), (size,), generator=probe_run.gen)
+        t0 = time.perf_counter()
+        x = augment(to_input(data.x_train[idx], device), p.augment, probe_run.gen)
+        with torch.autocast(device.type, dtype=probe_run.amp_dtype or torch.float32, enabled=probe_run.amp_dtype is not None):
+            loss = probe_run.loss_fn(probe(x).float(), data.y_train[idx].to(device))
+        probe_run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        probe_run.optimizer.step()
+        timings.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    predict_scores(probe, data.x_val, device, tta=p.eval_augment)
+    validation = (time.perf_counter() - t0) * (2 if p.ema_decay else 1)
+    per_epoch = steps_per_epoch(p, len(data.x_train)) * float(np.median(timings[1:])) + validation
+    epochs = int(min(10_000, max(1, seconds * 0.95 // per_epoch)))
+    log.info("time budget: %.0f s left at about %.1f s per epoch: %d epochs planned", seconds, per_epoch, epochs)
+    return epochs, round(epochs * per_epoch, 1)
+
+
 def head_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """The label head's parameters: those of the model's last Linear layer (torchvision's fc,
-    classifier[-1] or heads.head; the classifier of the local models)."""
+    """The label head's parameters: an ML-Decoder's, or those of the model's last Linear layer
+    (torchvision's fc, classifier[-1] or heads.head; the classifier of the local models)."""
+    decoders = [m for m in model.modules() if isinstance(m, MLDecoder)]
+    if decoders:
+        return list(decoders[0].parameters())
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linear:
         raise ValueError("train.freeze_epochs: the model has no Linear label head to train alone")
@@ -347,15 +390,16 @@ def _init_distributed(device: torch.device) -> torch.device:
 
 def _record(state: TrainState, run: Run, val: dict, loss: float, p: TrainParams) -> bool:
     """Update early stopping and the history with one epoch's results; True if these weights are
-    the best so far (or there is no validation signal: then the latest weights are kept)."""
+    the best so far (a tie goes to the later, longer-trained epoch) or there is no validation signal
+    (then the latest weights are kept)."""
     no_signal = math.isnan(val["val_map"])
-    improved = not no_signal and (state.best_map is None or val["val_map"] > state.best_map)
+    improved = not no_signal and (state.best_map is None or val["val_map"] >= state.best_map)
     if improved or no_signal:
         state.best_map = val["val_map"] if improved else state.best_map
         state.best_epoch, state.bad_epochs = state.epoch, 0
     else:
         state.bad_epochs += 1
-        state.stopped = state.bad_epochs >= p.patience
+        state.stopped = state.bad_epochs >= p.patience and not p.time_budget_s  # a budget's schedule runs to its end
     state.history.append({"epoch": state.epoch, "train_loss": round(loss, 6), "val_map": round(val["val_map"], 6),
                           "val_map_raw": round(val["val_map_raw"], 6),
                           "val_map_ema": round(val["val_map_ema"], 6) if run.ema else "", "kept": val["kept"],
@@ -379,13 +423,19 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
     torch.manual_seed(p.seed)  # the initial weights, then dropout
     checkpointer = Checkpointer(layout.checkpoint, fingerprint(p, layout, init_from), lead)
     model, source, ckpt = resolve_init(p, data, init_from, registry, checkpointer)
-    run = build(p, data, model, device)
+    if ckpt:
+        epochs, planned = ckpt["state"]["epochs"], ckpt["state"]["planned_seconds"]
+    elif p.time_budget_s:
+        epochs, planned = fit_epochs(p, data, model, device, p.time_budget_s - (time.time() - start))
+    else:
+        epochs, planned = p.epochs, None
+    run = build(p, data, model, device, epochs)
     state, best_weights = (Checkpointer.restore(run, ckpt) if ckpt else
-                           (TrainState(), copy.deepcopy(run.model.state_dict())))
+                           (TrainState(epochs, planned), copy.deepcopy(run.model.state_dict())))
     resumed, head, seconds = state.epoch, head_parameters(run.model), []
     log.info("training %s on %s from %s: %d train / %d val images, %d labels, %d epochs max", p.model, device,
-             source, len(data.x_train), len(data.x_val), len(data.vocabulary), p.epochs)
-    while state.epoch < p.epochs and not state.stopped:
+             source, len(data.x_train), len(data.x_val), len(data.vocabulary), state.epochs)
+    while state.epoch < state.epochs and not state.stopped:
         if stop_after_epochs is not None and state.epoch >= stop_after_epochs:
             return TrainResult(state.epoch, state.best_epoch, state.best_map, state.stopped)
         t0 = time.time()
@@ -399,43 +449,68 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
             weights = run.ema.state if val["kept"] == "ema" else run.model.state_dict()
             best_weights = {k: v.detach().cpu().clone() for k, v in weights.items()}
         seconds.append(round(time.time() - t0, 2))
-        log.info("epoch %d/%d  loss %.4f  val mAP %.4f%s%s%s  (%.1fs)", state.epoch, p.epochs, loss,
+        log.info("epoch %d/%d  loss %.4f  val mAP %.4f%s%s%s  (%.1fs)", state.epoch, state.epochs, loss,
                  val["val_map_raw"], f"  EMA {val['val_map_ema']:.4f}" if run.ema else "",
                  "  (head only)" if frozen else "", "  *best*" if state.best_epoch == state.epoch else "", seconds[-1])
         if state.stopped:
             log.info("early stopping: no val mAP gain for %d epochs", p.patience)
         checkpointer.save(run, state, best_weights)
 
-    result = TrainResult(state.epoch, state.best_epoch, state.best_map, state.stopped)
+    elapsed = round(time.time() - start, 1)
+    budget = ({"time_budget_s": p.time_budget_s, "planned_epochs": state.epochs,
+               "planned_seconds": state.planned_seconds, "seconds": elapsed} if p.time_budget_s else {})
+    result = TrainResult(state.epoch, state.best_epoch, state.best_map, state.stopped, **budget)
     if dist.is_initialized():
         log.info("rank %d/%d: final weights sha256 %s", dist.get_rank(), dist.get_world_size(),
                  state_digest(run.model.state_dict())[:16])
         dist.barrier()
         dist.destroy_process_group()
     if lead:
-        save_model_file(layout.model, arch=p.model, labels=data.vocabulary, image_size=data.image_size,
+        save_model_file(layout.model, arch=p.model, head=p.head, labels=data.vocabulary, image_size=data.image_size,
                         state_dict=best_weights, tta=p.eval_augment, params=p.model_dump(mode="json"),
                         best_epoch=state.best_epoch, val_map=state.best_map)
         write_csv(layout.train_history, HISTORY_COLUMNS, ([h[c] for c in HISTORY_COLUMNS] for h in state.history))
         write_json(layout.train_summary, asdict(result))
         write_json(layout.run_log / "train.json", {"device": str(device), "start": source, "resumed_from_epoch": resumed,
-                                                    "seconds": round(time.time() - start, 1), "epoch_seconds": seconds})
+                                                    "seconds": elapsed, "epoch_seconds": seconds})
     return result
 
 
 def run(params: Params, layout: Layout) -> TrainResult | None:
-    """The train stage as dvc.yaml runs it: with train.devices > 1 (and not already started by
-    torch.distributed.run), relaunched as one process per device, each running this stage."""
-    if params.train.devices > 1 and "WORLD_SIZE" not in os.environ:
-        code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc_per_node={params.train.devices}", "-m", "multitag.cli", "stage", "train",
-                                "--params", str(layout.params)])
-        if code:
-            raise RuntimeError(f"train: distributed training over {params.train.devices} processes exited with {code}")
-        return None
-    init_from, registry = params.lineage.init_from, None
-    if init_from is not None:
-        from multitag.registry import Registry
-        from multitag.storage import open_store
-        registry = Registry(open_store(params.store.uri, layout.root), params.register.name)
-    return train(params.train, layout, init_from, registry)
+    """The train stage as dvc.yaml runs it: one process; or, with train.devices > 1 or train.nodes > 1
+    (and not already started by torchrun), a torchrun launch of this node, each process running this
+    stage; or, with train.launcher: kubernetes, an Indexed Job of train.nodes pods (multitag/distributed.py)."""
+    t = params.train
+    if "WORLD_SIZE" in os.environ or (t.devices == 1 and t.nodes == 1):
+        result = train(t, layout, params.lineage.init_from, _registry(params, layout) if params.lineage.init_from else None)
+        if os.environ.get(UPLOAD_ENV) and (not dist.is_initialized() or dist.get_rank() == 0):
+            _upload(params, layout, os.environ[UPLOAD_ENV])
+        return result
+    from multitag import distributed
+    if t.launcher == "kubernetes" and t.nodes > 1:
+        return distributed.run_on_kubernetes(params, layout)
+    code = subprocess.call(distributed.torchrun_command(params, str(layout.params)))
+    if code:
+        where = (f"; the {t.nodes} nodes must all reach {t.rdzv_endpoint} (rdzv_id {t.rdzv_id}) within "
+                 f"train.join_timeout_s ({t.join_timeout_s:g} s)") if t.nodes > 1 else ""
+        raise RuntimeError(f"train: torchrun exited with {code}{where} (its own error is above)")
+    return None
+
+
+UPLOAD_ENV = "MULTITAG_UPLOAD"  # set on Kubernetes training pods: where rank 0 puts its outputs
+
+
+def _registry(params: Params, layout: Layout):
+    from multitag.registry import Registry
+    from multitag.storage import open_store
+    return Registry(open_store(params.store.uri, layout.root), params.register.name)
+
+
+def _upload(params: Params, layout: Layout, prefix: str) -> None:
+    """Rank 0 of a Kubernetes training: its outputs to the store, for the train stage to take."""
+    from multitag.distributed import OUTPUTS
+    from multitag.storage import open_store
+    store = open_store(params.store.uri, layout.root)
+    for out in OUTPUTS:
+        store.put_file(f"{prefix}/{out}", layout.root / out)
+    log.info("uploaded the training outputs to %s", store.url(prefix))

@@ -39,9 +39,12 @@ def render_labels(ws: Layout) -> dict:
     stats = read_json(ws.label_stats)
     by_split = stats["frequency_by_split"]
     create_table_artifact(
-        key="label-statistics", description="images per label, by split",
+        key="label-statistics", description="images per label, by split (every label)",
         table=[{"label": label, "images": n, **{s: by_split[s][label] for s in by_split}}
-               for label, n in stats["frequency"].items()])
+               for label, n in sorted(stats["frequency"].items(), key=lambda kv: -kv[1])])
+    if stats["pairs"]:
+        create_table_artifact(key="label-pairs", table=stats["pairs"],
+                              description="labels that appear together most (cosine n_ab / sqrt(n_a n_b)), with P(b|a), P(a|b), lift")
     return read_json(ws.labels_summary)
 
 
@@ -54,12 +57,16 @@ def render_train(ws: Layout) -> dict:
 def render_evaluate(ws: Layout) -> dict:
     metrics = read_json(ws.metrics)
     t = metrics["test"]
+    buckets = metrics.get("buckets", {})
     create_markdown_artifact(
         key="test-metrics", description="test metrics at the tuned thresholds",
         markdown=f"## Test metrics ({t['images']} images)\n\n"
-                 + markdown_table([(k, t[k]) for k in SHOWN_METRICS if t.get(k) is not None], ["metric", "value"]))
+                 + markdown_table([(k, t[k]) for k in SHOWN_METRICS if t.get(k) is not None], ["metric", "value"])
+                 + "\n### By label frequency in training (thirds of the labels)\n\n"
+                 + markdown_table([(name, b["labels"], b["map"], b["micro_f1"], b["recall"]) for name, b in buckets.items()],
+                                  ["labels", "count", "mAP", "micro-F1", "recall"]))
     create_table_artifact(key="per-label-metrics", table=read_csv_rows(ws.per_label),
-                          description="test AP, F1, threshold and support per label")
+                          description="every label: test support, training images, bucket, AP, F1, threshold")
     return metrics
 
 
@@ -81,8 +88,20 @@ def render_register(ws: Layout) -> dict:
     return {**r, "url": url, "store": store.uri}
 
 
+def render_review(ws: Layout) -> dict:
+    summary = read_json(ws.review_summary)
+    if summary["enabled"]:
+        rows = read_csv_rows(ws.label_issues)
+        create_table_artifact(key="label-issues", table=[{k: r[k] for k in ("image", "given", "likely_missing",
+                                                                          "likely_extra", "quality", "flagged")}
+                                                         for r in rows[:200]],
+                              description=f"label review: the 200 least likely annotations of {len(rows)}; "
+                                          f"{summary['flagged']} flagged (all in {ws.label_issues.name})")
+    return summary
+
+
 RENDERERS = {"sample": render_sample, "ingest": render_ingest, "labels": render_labels, "train": render_train,
-             "evaluate": render_evaluate, "register": render_register}
+             "evaluate": render_evaluate, "register": render_register, "review": render_review}
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient_only)
 def stage(name: str, workdir: str) -> dict:
     """Run one dvc.yaml stage through DVC and publish its artifacts; returns its summary and

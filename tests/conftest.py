@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import shutil
@@ -186,8 +187,9 @@ def data(tmp_path) -> Layout:
     split = np.array(["train"] * 64 + ["val"] * 16 + ["test"] * 16)
     np.save(ws.shard(0), x[:50])
     np.save(ws.shard(1), x[50:])
-    pd.DataFrame({"id": [f"{i:04d}" for i in range(n)], "source": [f"{i}.png" for i in range(n)],
-                  "sha256": [f"{i:064x}" for i in range(n)], "split": split,
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
+    pd.DataFrame({"id": [d[:16] for d in digests], "source": [f"{i}.png" for i in range(n)],
+                  "sha256": digests, "split": split,
                   "tags": [[c for c, on in zip("abc", row) if on] for row in y],
                   "shard": [0] * 50 + [1] * 46, "offset": list(range(50)) + list(range(46))}).to_parquet(ws.manifest)
     np.save(ws.targets, y)

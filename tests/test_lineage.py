@@ -97,7 +97,7 @@ def test_own_data_retrained_twice_then_restored_elsewhere_by_dvc_pull(first_run,
     message = run(["git", "log", "-1", "--format=%s"], ws).stdout.strip()
     assert message.startswith("retrain: +30 images, mAP ")  # same 3 labels: none new
     champion_map = f"{reg['champion_map']:.3f}"  # v1 re-scored on this test set, as the register stage compared
-    assert f"mAP {champion_map} → {reg['test_map']:.3f} (v2 " in message and "re-scored" in reg["reason"]
+    assert f"mAP {champion_map} → {reg['compared_map']:.3f} (v2 " in message and "re-scored" in reg["reason"]
 
     registry = Registry(open_store("store", ws), "multitag")
     champion = registry.alias("champion")[0]["version"]

@@ -54,3 +54,40 @@ def test_tuned_thresholds_reach_the_best_f1():
 def test_threshold_default_for_label_without_positives():
     y = np.zeros((10, 1), dtype=int)
     assert tune_thresholds(y, np.linspace(0, 1, 10)[:, None])[0] == 0.5
+
+
+def test_vectorised_ap_and_thresholds_equal_the_per_label_definitions():
+    from multitag.metrics import _ranked, per_label_ap
+
+    rng = np.random.default_rng(7)
+    y = (rng.random((400, 30)) < rng.random(30) * 0.3).astype(int)
+    y[:, 3] = 0
+    s = np.round(rng.random((400, 30)) * 0.6 + y * 0.3, 2)  # ties
+    ap = per_label_ap(y, s)
+    for j in range(30):
+        if j == 3:
+            assert np.isnan(ap[j])
+        else:
+            assert ap[j] == pytest.approx(skm.average_precision_score(y[:, j], s[:, j]), abs=1e-12)
+    thr = tune_thresholds(y, s)
+    for j in range(30):  # the same cut as a label-by-label search
+        if y[:, j].sum() == 0:
+            continue
+        tp, fp, t = _ranked(y[:, j], s[:, j])
+        k = int(np.argmax(2 * tp / (tp + fp + y[:, j].sum())))
+        assert thr[j] == pytest.approx((t[k] + t[k + 1]) / 2 if k + 1 < len(t) else t[k])
+
+
+def test_bucket_metrics_on_a_hand_computed_example():
+    from multitag.metrics import bucket_metrics, frequency_buckets
+
+    buckets = frequency_buckets(np.array([5, 50, 1, 20, 2, 9]))  # labels by training frequency
+    assert [list(v) for v in buckets.values()] == [[1, 3], [5, 0], [4, 2]]
+    y = np.array([[1, 1, 0, 0, 1, 0], [0, 1, 1, 1, 0, 0], [1, 0, 0, 1, 0, 1]])
+    s = np.array([[.9, .8, .1, .2, .7, .3], [.2, .6, .4, .9, .6, .1], [.8, .3, .3, .7, .2, .2]])
+    m = bucket_metrics(y, s, s >= 0.5, buckets)
+    assert m["head"]["map"] == pytest.approx(1.0)  # labels 1 and 3: every positive above every negative
+    # tail: labels 4 and 2 each have one positive, scored above their negatives (.7; .4): AP 1 each
+    assert m["tail"]["map"] == pytest.approx(1.0) and m["tail"]["labels"] == 2
+    # medium: labels 5 and 0 at 0.5: label 0 predicts rows 0 and 2 (both positive), label 5 predicts none
+    assert m["medium"]["recall"] == pytest.approx(2 / 3) and m["medium"]["micro_f1"] == pytest.approx(0.8)

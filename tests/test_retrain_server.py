@@ -17,9 +17,9 @@ from multitag.registry import Registry
 from multitag.storage import open_store
 from tests.conftest import BIN, init_workspace, run, stop_process_group, tiny_params
 
-STAGE_KEYS = {"dataset-summary", "label-statistics", "training-curve", "test-metrics", "per-label-metrics",
-              "registry-entry", "promotion-decision", "pipeline-summary"}
-RETRAIN_KEYS = {"inbox-batches", "retrain-summary"}
+STAGE_KEYS = {"dataset-summary", "label-statistics", "label-pairs", "training-curve", "test-metrics",
+              "per-label-metrics", "registry-entry", "promotion-decision", "pipeline-summary"}
+RETRAIN_KEYS = {"inbox-batches", "retrain-summary"}  # + batch-check when a new batch arrived
 
 
 def _api(api: str, path: str, body: dict | None = None):
@@ -120,7 +120,7 @@ def test_scheduled_run_retrains_registers_archives_and_publishes(scheduled):
     assert (ws / "inbox-archive" / scheduled["batch"] / "_report.json").exists()
     assert not list((ws / "inbox").rglob("*.*"))
     # what each run published in the UI
-    assert artifact_keys(api, first["id"]) == RETRAIN_KEYS | STAGE_KEYS
+    assert artifact_keys(api, first["id"]) == RETRAIN_KEYS | STAGE_KEYS | {"batch-check"}
     assert artifact_keys(api, second["id"]) == RETRAIN_KEYS  # nothing new: no training subflow
     assert first["name"].startswith("retrain-ws-")
     # the raw data, params and dvc.lock were committed with a message saying what changed
@@ -243,7 +243,7 @@ def test_served_retrain_with_inbox_archive_and_registry_on_s3(prefect_server, s3
         [first, *_] = wait_for(done, 300, "a completed served retrain run")
     finally:
         stop_process_group(served)
-    assert artifact_keys(prefect_server, first["id"]) == RETRAIN_KEYS | STAGE_KEYS
+    assert artifact_keys(prefect_server, first["id"]) == RETRAIN_KEYS | STAGE_KEYS | {"batch-check"}
     registry = Registry(open_store(f"{s3}/store"), "multitag")
     assert [v["version"] for v in registry.versions()] == [1]
     keys = {o["Key"] for o in bucket.list_objects_v2(Bucket=s3_bucket)["Contents"]}

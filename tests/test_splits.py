@@ -1,6 +1,6 @@
 import hashlib
 
-from multitag.ingest import split_for
+from multitag.layout import split_for
 
 
 def _digest(i: int) -> str:

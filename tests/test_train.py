@@ -55,7 +55,7 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     model = build_model("resnet18", 3, 32, pretrained=str(tmp_path / "weights.pth"))
     assert torch.equal(model.backbone.conv1.weight, source.backbone.conv1.weight)
     assert model.backbone.fc.out_features == 3  # head replaced for the label count
-    with pytest.raises(FileNotFoundError, match="never downloaded"):
+    with pytest.raises(FileNotFoundError, match="weights file not found: .*nope.pth"):
         build_model("resnet18", 3, 32, pretrained=str(tmp_path / "nope.pth"))
     with pytest.raises(ValueError, match="unknown model 'resnet19'"):
         build_model("resnet19", 3, 32)
@@ -80,3 +80,47 @@ def test_model_file_round_trip(tmp_path):
     loaded, meta = load_model_file(tmp_path / "m.pt")
     x = torch.rand(1, 3, 8, 8)
     assert torch.allclose(loaded(x), m.eval()(x))
+
+
+def test_torchvision_weights_by_name_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # no network: a download fails at once
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cache = tmp_path / "torch-home/hub/checkpoints" / weights.url.rsplit("/", 1)[1]
+    with pytest.raises(FileNotFoundError, match=f"not in the torch hub cache \\({cache}\\).*copy the file"):
+        build_model("resnet18", 3, 32, pretrained="ResNet18_Weights.IMAGENET1K_V1")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    source = torchvision.models.resnet18()
+    torch.save(source.state_dict(), cache)  # what torchvision would have downloaded there
+    model = build_model("resnet18", 3, 32, pretrained="ResNet18_Weights.IMAGENET1K_V1")
+    assert torch.equal(model.backbone.conv1.weight, source.conv1.weight) and model.backbone.fc.out_features == 3
+    mean = weights.transforms().mean
+    assert torch.allclose(model.mean.flatten(), torch.tensor(mean))  # the weights' own normalisation
+    with pytest.raises(ValueError, match="are not weights of train.model resnet50"):
+        build_model("resnet50", 3, 32, pretrained="ResNet18_Weights.IMAGENET1K_V1")
+
+
+def test_a_time_budget_plans_the_epochs_and_anneals_the_schedule(data):
+    result = train(_params(epochs=1, time_budget_s=6), data)
+    assert result.planned_epochs > 1 and result.epochs_run == result.planned_epochs  # epochs from the budget
+    assert result.seconds <= 6 * 1.5 and result.planned_seconds <= 6
+    history = data.train_history.read_text().splitlines()
+    last_lr = float(history[-1].split(",")[-1])
+    assert last_lr < 0.003 * 0.01  # the one-cycle schedule ran to its end
+    assert json.loads(data.train_summary.read_text())["time_budget_s"] == 6
+
+
+def test_the_mldecoder_head_trains_saves_and_loads(data):
+    model = build_model("compact_cnn", 250, 16, head="mldecoder")
+    out = model(torch.rand(2, 3, 16, 16))
+    assert out.shape == (2, 250) and model.backbone.decoder.queries.shape[0] == 100  # 100 groups for 250 labels
+    result = train(_params(model="compact_cnn", head="mldecoder", epochs=2), data)
+    loaded, meta = load_model_file(data.model)
+    assert meta["head"] == "mldecoder" and result.epochs_run == 2
+    x = torch.rand(3, 3, 16, 16)
+    assert loaded(x).shape == (3, 3)
+    with pytest.raises(ValueError, match="mldecoder needs a backbone with spatial features"):
+        build_model("simple_cnn", 3, 16, head="mldecoder")

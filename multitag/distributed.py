@@ -1,0 +1,172 @@
+"""Training past one machine: ``torchrun`` with c10d rendezvous, and, on Kubernetes, the Indexed Job
+that runs it on N GPU nodes.
+
+``train.nodes: N`` (N > 1) makes the train stage a torchrun launch that meets N-1 others at
+``train.rdzv_endpoint`` (``host:port``; every node uses the same one and the same
+``train.rdzv_id``), ``train.devices`` processes per node, gloo on CPU and NCCL on GPUs. A node that
+never arrives ends every launch with torchrun's rendezvous error after ``train.join_timeout_s``
+instead of a hang. The process of global rank 0 alone writes checkpoints, the model and the reports.
+
+On Kubernetes a Prefect flow run is one pod, so the train stage (``train.launcher: kubernetes``)
+submits an Indexed Job of ``train.nodes`` pods behind a headless Service (pod 0's DNS name is the
+rendezvous endpoint), follows it (its status and rank 0's log go into the task's log; a failed pod
+fails the stage), and takes the outputs rank 0 uploaded to the store. Each pod gets the data the DVC
+way (``dvc pull`` of the prepared shards and labels from the DVC remote): no node needs the raw
+images.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Callable
+
+from multitag.config import Params
+
+log = logging.getLogger(__name__)
+
+JOB_PORT = 29500
+OUTPUTS = ["models/model.pt", "reports/train.json", "reports/train_history.csv"]  # what rank 0 uploads
+
+
+def torchrun_command(params: Params, params_file: str, module: str = "multitag.cli") -> list[str]:
+    """The torchrun launch of one node of a multi-node (or multi-device) training."""
+    t = params.train
+    if t.nodes > 1:
+        if not t.rdzv_endpoint:
+            raise ValueError("train.rdzv_endpoint: set host:port, the same on every node, to train on "
+                             f"{t.nodes} nodes")
+        where = [f"--nnodes={t.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={t.rdzv_endpoint}",
+                 f"--rdzv-id={t.rdzv_id}", f"--rdzv-conf=join_timeout={int(t.join_timeout_s)}"]
+    else:
+        where = ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={t.devices}",
+            "-m", module, "stage", "train", "--params", params_file]
+
+
+def indexed_job(params: Params, name: str, files: dict[str, str], upload: str) -> tuple[dict, dict, dict]:
+    """(Job, headless Service, ConfigMap) of a multi-node training: ``train.nodes`` pods, completion
+    mode Indexed; each puts the workspace's DVC files (``files``: dvc.yaml, dvc.lock, params, the DVC
+    remote's config) in place, pulls the prepared data with DVC and runs one torchrun node; rank 0
+    uploads OUTPUTS under ``upload`` in the store."""
+    t, k = params.train, params.train.kubernetes
+    if not k.image:
+        raise ValueError("train.kubernetes.image: name the image built from infra/Dockerfile")
+    namespace = k.namespace
+    service = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": name, "namespace": namespace, "labels": {"app": "multitag", "job-name": name}},
+               "spec": {"clusterIP": "None", "selector": {"job-name": name},
+                        "ports": [{"name": "rendezvous", "port": JOB_PORT}]}}
+    node = params.model_copy(update={"train": t.model_copy(update={
+        "rdzv_endpoint": f"{name}-0.{name}.{namespace}.svc:{JOB_PORT}", "rdzv_id": name})})
+    launch = " ".join(torchrun_command(node, "params.yaml", "multitag.cli")[1:])  # python -m torch.distributed.run ...
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace},
+                  "data": {key.replace("/", "__"): text for key, text in files.items()}}
+    script = ("set -e; mkdir -p /tmp/ws/.dvc && cd /tmp/ws; "
+              + "; ".join(f"cp /config/{key.replace('/', '__')} {key}" for key in files)
+              + "; dvc pull data/prepared data/labels; exec python " + launch)
+    container = {
+        "name": "train", "image": k.image, "command": ["/bin/sh", "-c", script],
+        "ports": [{"containerPort": JOB_PORT, "name": "rendezvous"}],
+        "envFrom": [{"secretRef": {"name": k.aws_secret}}],
+        "env": [{"name": "DO_NOT_TRACK", "value": "1"}, {"name": "DVC_NO_ANALYTICS", "value": "1"},
+                {"name": "MULTITAG_UPLOAD", "value": upload}],
+        "resources": {"limits": {"nvidia.com/gpu": str(k.gpus)}, "requests": {"cpu": "4", "memory": "16Gi"}},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "workspace", "mountPath": "/config"}],
+    }
+    job = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": name, "namespace": namespace, "labels": {"app": "multitag"}},
+           "spec": {"completionMode": "Indexed", "completions": t.nodes, "parallelism": t.nodes, "backoffLimit": 0,
+                    "template": {"metadata": {"labels": {"app": "multitag", "job-name": name}},
+                                 "spec": {"subdomain": name, "restartPolicy": "Never", "containers": [container],
+                                          "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                                          "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                           "effect": "NoSchedule"}],
+                                          "volumes": [{"name": "dshm",
+                                                       "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
+                                                      {"name": "workspace", "configMap": {"name": name}}]}}}}
+    return job, service, config_map
+
+
+def workspace_files(layout) -> dict[str, str]:
+    """What a training pod needs of the workspace to `dvc pull` its data: the DVC files and params,
+    and the DVC config without git (the pod has no repository)."""
+    root = layout.root
+    files = {name: (root / name).read_text() for name in ("dvc.yaml", "dvc.lock", "params.yaml", "lineage.yaml")}
+    files[".dvc/config"] = (root / ".dvc/config").read_text() + "\n[core]\n    no_scm = true\n"
+    return files
+
+
+def run_on_kubernetes(params: Params, layout) -> None:
+    """Train on an Indexed Job of train.nodes pods: push the prepared data to the DVC remote, submit,
+    follow (status and rank 0's log in this stage's log), then take rank 0's outputs from the store."""
+    import subprocess
+    import uuid
+
+    from kubernetes import client, config
+
+    from multitag.storage import open_store
+
+    code = subprocess.call([sys.executable, "-m", "dvc", "push", "data/prepared", "data/labels"], cwd=layout.root)
+    if code:
+        raise RuntimeError("train: `dvc push data/prepared data/labels` failed; the training pods pull their data "
+                           "from the DVC remote (multitag remote setup URL)")
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    name = f"multitag-train-{uuid.uuid4().hex[:8]}"
+    store = open_store(params.store.uri, layout.root)
+    job, service, config_map = indexed_job(params, name, workspace_files(layout), f"runs/{name}")
+    core = client.CoreV1Api()
+    core.create_namespaced_config_map(params.train.kubernetes.namespace, config_map)
+    submit_and_follow(client.BatchV1Api(), core, job, service, log.info)
+    for out in OUTPUTS:
+        store.get_file(f"runs/{name}/{out}", layout.root / out)
+    log.info("took the outputs of %s from %s", name, store.url(f"runs/{name}"))
+
+
+def job_state(status) -> str:
+    """pending | running | succeeded | failed, from a V1JobStatus (or its dict)."""
+    get = (lambda k: status.get(k)) if isinstance(status, dict) else (lambda k: getattr(status, k, None))
+    if get("failed"):
+        return "failed"
+    if any((c.get("type") if isinstance(c, dict) else c.type) == "Complete" and
+           (c.get("status") if isinstance(c, dict) else c.status) == "True" for c in get("conditions") or []):
+        return "succeeded"
+    return "running" if get("active") else "pending"
+
+
+def submit_and_follow(batch_api, core_api, job: dict, service: dict, say: Callable[[str], None],
+                      poll_s: float = 5.0, timeout_s: float = 24 * 3600) -> str:
+    """Create the Service and the Job, then follow the Job until it succeeds (returned) or fails
+    (RuntimeError naming the pod and its last log lines); every change of state and rank 0's new log
+    lines go to ``say``. ``batch_api`` / ``core_api``: the kubernetes client's BatchV1Api and
+    CoreV1Api (or anything with the same methods)."""
+    ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    core_api.create_namespaced_service(ns, service)
+    batch_api.create_namespaced_job(ns, job)
+    say(f"submitted Job {ns}/{name}: {job['spec']['completions']} nodes")
+    state, seen, deadline = None, 0, time.time() + timeout_s
+    while time.time() < deadline:
+        current = job_state(batch_api.read_namespaced_job_status(name, ns).status)
+        if current != state:
+            say(f"Job {name}: {current}")
+            state = current
+        pods = core_api.list_namespaced_pod(ns, label_selector=f"job-name={name}").items
+        rank0 = [p for p in pods if (p.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index") == "0"]
+        if rank0 and state in ("running", "succeeded", "failed"):
+            lines = core_api.read_namespaced_pod_log(rank0[0].metadata.name, ns).splitlines()
+            for line in lines[seen:]:
+                say(f"[rank 0] {line}")
+            seen = len(lines)
+        if state == "succeeded":
+            return state
+        if state == "failed":
+            failed = [p.metadata.name for p in pods if p.status.phase == "Failed"]
+            tail = core_api.read_namespaced_pod_log(failed[0], ns).splitlines()[-10:] if failed else []
+            raise RuntimeError(f"training Job {ns}/{name} failed (pod {failed[0] if failed else '?'}):\n"
+                               + "\n".join(tail))
+        time.sleep(poll_s)
+    raise TimeoutError(f"training Job {ns}/{name} did not finish within {timeout_s:.0f} s")

@@ -1,0 +1,101 @@
+"""What to annotate next: unlabelled images ranked by how much a label would help.
+
+Each image is scored by the champion. A label is most informative where its probability sits at its
+tuned threshold, so an image's uncertainty is the largest over labels of how close the probability
+is to the threshold, on its side: ``1 - (t - p) / t`` below it, ``1 - (p - t) / (1 - t)`` above (1 on
+the threshold, 0 at a certain 0 or 1). The top
+``n`` are then picked greedily, each time the image with the highest uncertainty minus ``diversity``
+times its largest similarity (cosine) to one already picked, over a small embedding of the image (an
+8x8 thumbnail) and its probabilities: so the picks are not near-duplicates of each other.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from multitag.report import write_csv
+
+log = logging.getLogger(__name__)
+
+
+def uncertainty(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """(images, labels) closeness of each probability to its label's threshold: 1 on it, 0 at 0 or 1."""
+    below = (thresholds - probs) / np.maximum(thresholds, 1e-6)
+    above = (probs - thresholds) / np.maximum(1 - thresholds, 1e-6)
+    return 1 - np.where(probs < thresholds, below, above)
+
+
+def embed(images: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Unit vectors from an 8x8 thumbnail (centred) and the probabilities, for diversity."""
+    thumbs = np.stack([np.asarray(Image.fromarray(im).resize((8, 8), Image.BILINEAR), np.float32).ravel()
+                       for im in images]) / 255
+    vectors = np.hstack([thumbs - thumbs.mean(1, keepdims=True), probs])
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-8)
+
+
+def pick(score: np.ndarray, vectors: np.ndarray, n: int, diversity: float) -> list[int]:
+    """Greedy maximal marginal relevance: score minus ``diversity`` x the largest similarity to a pick."""
+    chosen: list[int] = []
+    closest = np.zeros(len(score))
+    for _ in range(min(n, len(score))):
+        gain = np.where(np.isin(np.arange(len(score)), chosen), -np.inf, score - diversity * closest)
+        best = int(np.argmax(gain))
+        chosen.append(best)
+        closest = np.maximum(closest, vectors @ vectors[best])
+    return chosen
+
+
+def suggest(names: list[str], images: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, labels: list[str],
+            n: int, diversity: float = 0.5) -> pd.DataFrame:
+    """The ``n`` images to annotate next, best first: rank, image, uncertainty, the most uncertain
+    labels with their probabilities, the labels predicted now."""
+    u = uncertainty(probs, thresholds)
+    score = u.max(axis=1) if len(u) else np.zeros(0)
+    order = pick(score, embed(images, probs), n, diversity)
+    rows = []
+    for rank, i in enumerate(order, 1):
+        top = np.argsort(-u[i])[:3]
+        rows.append({"rank": rank, "image": names[i], "uncertainty": round(float(score[i]), 4),
+                     "uncertain_labels": " ".join(f"{labels[j]}:{probs[i, j]:.2f}" for j in top),
+                     "predicted": " ".join(np.array(labels, object)[probs[i] >= thresholds])})
+    return pd.DataFrame(rows, columns=["rank", "image", "uncertainty", "uncertain_labels", "predicted"])
+
+
+def write_suggestions(table: pd.DataFrame, images: dict[str, np.ndarray], out: Path) -> None:
+    """suggestions.csv and a contact sheet, suggestions.png, in ``out``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_csv(out / "suggestions.csv", list(table.columns), table.itertuples(index=False))
+    shown = table.head(30)
+    cols = 6
+    fig, axes = plt.subplots(max(1, -(-len(shown) // cols)), cols, figsize=(2.6 * cols, 2.7 * max(1, -(-len(shown) // cols))),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, shown.itertuples()):
+        ax.imshow(images[row.image])
+        ax.set_title(f"#{row.rank} {row.image[:20]}\n{row.uncertain_labels[:34]}", fontsize=7)
+    fig.suptitle("annotate next: most informative first, near-duplicates kept apart", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "suggestions.png", dpi=80)
+    plt.close(fig)
+
+
+def write_batch_skeleton(table: pd.DataFrame, read, dest: Path) -> Path:
+    """The chosen images and a labels.csv whose tags a person fills in: ready for `multitag inbox add`."""
+    if dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} is not empty: choose a new folder for the batch")
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in table["image"]:
+        flat = name.replace("/", "__")
+        (dest / "images" / flat).write_bytes(read(name))
+        rows.append((flat, ""))
+    return write_csv(dest / "labels.csv", ["image_name", "tags"], rows)

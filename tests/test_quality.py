@@ -1,0 +1,157 @@
+"""Label quality: the review stage finds injected annotation errors, suggestions are ranked, kept
+apart and written as a batch to fill in, and the champion is checked on every new batch."""
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from multitag.config import parse_params
+from multitag.drift import check_batch
+from multitag.inbox import review_batch
+from multitag.layout import Layout
+from multitag.lineage import RawData
+from multitag.models import build_model, save_model_file
+from multitag.registry import Registry
+from multitag.report import read_csv_rows
+from multitag.review import review
+from multitag.storage import LocalStore
+from multitag.suggest import pick, uncertainty
+from tests.conftest import BIN, run, tiny_params
+
+
+def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, tmp_path):
+    images = tmp_path / "images"  # the annotated images the prepared data came from
+    images.mkdir()
+    manifest = pd.read_parquet(data.manifest)
+    x = np.concatenate([np.load(data.shard(0)), np.load(data.shard(1))])
+    for i, source in enumerate(manifest["source"]):
+        Image.fromarray(x[i]).save(images / source)
+    manifest["sha256"] = [hashlib.sha256((images / s).read_bytes()).hexdigest() for s in manifest["source"]]
+    manifest.to_parquet(data.manifest)
+    y = np.load(data.targets)
+    rng = np.random.default_rng(0)
+    wrong = rng.choice(np.flatnonzero(y.sum(1) > 0), 6, replace=False)
+    for i in wrong:  # a true label dropped (missing tags are the common error)
+        y[i, rng.choice(np.flatnonzero(y[i]))] = 0
+    np.save(data.targets, y)
+    params = parse_params({**tiny_params(), "review": {"enabled": True, "folds": 3},
+                           "train": {"model": "simple_cnn", "epochs": 6, "batch_size": 16, "lr": 0.003, "device": "cpu"}})
+    result = review(params, data)
+    rows = read_csv_rows(data.label_issues)
+    assert result["images"] == len(rows) == len(y) and data.label_issues_plot.stat().st_size > 10_000
+    injected = set(manifest["sha256"][wrong])
+    worst = {r["sha256"] for r in rows[:len(wrong)]}
+    assert len(worst & injected) >= 4, (len(worst & injected), rows[:8])  # ranked among the worst
+    hit = next(r for r in rows if r["sha256"] in injected)
+    assert hit["likely_missing"] and set(hit["suggested"].split()) > set(hit["given"].split())
+
+    with pytest.raises(ValueError, match="no row .* is accepted"):
+        review_batch(data, str(images), tmp_path / "batch")
+    table = pd.read_csv(data.label_issues, dtype=str, keep_default_na=False)
+    table.loc[:1, "accept"] = "yes"  # a person accepts the two worst suggestions
+    table.to_csv(data.label_issues, index=False)
+    original = (images / rows[0]["image"]).read_bytes()
+    (images / rows[0]["image"]).write_bytes(original + b"edited")
+    with pytest.raises(ValueError, match=f"{rows[0]['image']} changed since the review"):
+        review_batch(data, str(images), tmp_path / "batch")
+    (images / rows[0]["image"]).write_bytes(original)
+    assert review_batch(data, str(images), tmp_path / "batch") == 2
+    batch = read_csv_rows(tmp_path / "batch/labels.csv")
+    assert [r["tags"] for r in batch] == [rows[0]["suggested"], rows[1]["suggested"]]
+
+
+def test_review_off_writes_its_outputs_saying_so_and_suggest_without_a_model_changes_nothing(data, tmp_path):
+    result = review(parse_params(tiny_params()), data)  # review.enabled is false by default
+    assert result == {"enabled": False, "images": 0, "flagged": 0}
+    assert data.label_issues.read_text().startswith("image,sha256,given") and data.label_issues_plot.exists()
+    (tmp_path / "new").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "new/a.png")
+    (tmp_path / "params.yaml").write_text(json.dumps(tiny_params()))
+    proc = run([str(BIN / "multitag"), "suggest", "new"], tmp_path, check=False)  # nothing registered yet
+    assert proc.returncode == 1 and "has no alias 'champion' (nothing registered yet?)" in proc.stderr
+    assert not (tmp_path / "suggestions").exists() and "Traceback" not in proc.stderr
+
+
+def test_uncertainty_and_diverse_picks():
+    thresholds = np.array([0.3, 0.8])
+    u = uncertainty(np.array([[0.3, 0.8], [0.0, 1.0], [0.65, 0.9]]), thresholds)
+    assert u[0].tolist() == [1.0, 1.0] and u[1].tolist() == [0.0, 0.0]
+    assert u[2].tolist() == pytest.approx([0.5, 0.5])  # halfway from 0.3 to 1; from 0.8 to 1
+    vectors = np.array([[1, 0], [1, 0], [0, 1.0]])  # images 0 and 1 are the same picture
+    assert pick(np.array([0.9, 0.9, 0.5]), vectors, 2, diversity=0.5) == [0, 2]  # not the duplicate
+    assert pick(np.array([0.9, 0.9, 0.5]), vectors, 2, diversity=0.0) == [0, 1]
+
+
+def test_suggest_ranks_an_unlabelled_folder_and_writes_a_batch_to_fill(tmp_path):
+    torch.manual_seed(0)
+    save_model_file(tmp_path / "m.pt", arch="compact_cnn", labels=["a", "b"], image_size=16,
+                    state_dict=build_model("compact_cnn", 2, 16).state_dict())
+    (tmp_path / "new").mkdir()
+    for i in range(12):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+            tmp_path / "new" / f"{i}.png")
+    (tmp_path / "new/broken.jpg").write_bytes(b"junk")
+    (tmp_path / "params.yaml").write_text(json.dumps(tiny_params()))
+    out = run([str(BIN / "multitag"), "suggest", "new", "--n", "5", "--model", "m.pt", "--out", "sugg",
+               "--batch", "to-label"], tmp_path)
+    assert "5 of 12 images suggested" in out.stdout and "1 unreadable" in out.stdout
+    ranked = read_csv_rows(tmp_path / "sugg/suggestions.csv")
+    assert [r["rank"] for r in ranked] == ["1", "2", "3", "4", "5"] and (tmp_path / "sugg/suggestions.png").exists()
+    assert float(ranked[0]["uncertainty"]) >= max(float(r["uncertainty"]) for r in ranked[1:]) - 0.5
+    skeleton = read_csv_rows(tmp_path / "to-label/labels.csv")
+    assert len(skeleton) == 5 and all(r["tags"] == "" for r in skeleton)
+    assert len(list((tmp_path / "to-label/images").iterdir())) == 5
+    (tmp_path / "empty").mkdir()
+    empty = run([str(BIN / "multitag"), "suggest", "empty", "--model", "m.pt"], tmp_path, check=False)
+    assert empty.returncode == 1 and "no image files in empty" in empty.stderr
+
+
+def test_the_champion_is_checked_on_a_shifted_batch_and_an_ordinary_one(tmp_path):
+    """Label j of these images is a bright square in channel j; the shifted batch is the same kind
+    of image with its colours inverted."""
+    def image(labels, rng, invert=False):
+        x = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+        for j in labels:
+            x[4:12, 4:12, j] = 230
+        return 255 - x if invert else x
+
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c"]
+    tags = [sorted(rng.choice(labels, rng.integers(1, 3), replace=False)) for _ in range(400)]
+    x = np.stack([image([labels.index(t) for t in tg], rng) for tg in tags])
+    y = torch.tensor([[label in tg for label in labels] for tg in tags], dtype=torch.float32)
+    torch.manual_seed(0)
+    model = build_model("simple_cnn", 3, 16)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(60):  # a champion that knows this kind of image
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            model(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_model_file(tmp_path / "m.pt", arch="simple_cnn", labels=labels, image_size=16, state_dict=model.state_dict())
+    registry = Registry(LocalStore(tmp_path / "store"), "multitag")
+    registry.register({"model.pt": tmp_path / "m.pt"}, {
+        "labels": labels, "thresholds": [0.5] * 3, "test_set": "T", "images": {"train": 400},
+        "metrics": {"test": {"map": 0.95, "micro_f1": 0.9}}, "params": {"train": {"model": "simple_cnn"}}, "git": {}})
+    params = parse_params({**tiny_params(), "store": {"uri": str(tmp_path / "store")}})
+    raw = RawData(tmp_path / "data/raw")
+    checks = {}
+    for name, invert in (("ordinary", False), ("shifted", True)):
+        rows = {}
+        for i in range(40):
+            tg = sorted(rng.choice(labels, rng.integers(1, 3), replace=False))
+            arr = image([labels.index(t) for t in tg], rng, invert)
+            file = f"{name}{i}.png"
+            (raw.root / "images").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(raw.root / "images" / file)
+            rows[f"{name}{i}"] = {"image": file, "labels": tg}
+        checks[name] = check_batch(params, Layout(tmp_path), {"batch": name, "rows": rows})
+    assert checks["ordinary"]["checked"] and not checks["ordinary"]["flagged"], checks["ordinary"]
+    assert checks["shifted"]["flagged"] and checks["shifted"]["drop"] > 0.1, checks["shifted"]
+    assert checks["ordinary"]["batch_map"] > checks["shifted"]["batch_map"]

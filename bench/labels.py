@@ -14,6 +14,7 @@ ratio of label counts (linear growth would match it; anything above is worse tha
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import shutil
@@ -43,7 +44,7 @@ def make_workspace(ws: Path, images: int, labels: int, seed: int = 0) -> None:
     for j in range(min(labels, 64)):  # a learnable signal for the most frequent labels: a bright spot
         r, c = divmod(j, 8)
         x[y[:, j], r * 4:r * 4 + 4, c * 4:c * 4 + 4, j % 3] = 250
-    digests = [f"{i:064x}" for i in rng.integers(0, 2**62, images)]
+    digests = [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in range(images)]
     np.save(layout.shard(0), x)
     pd.DataFrame({"id": [d[:16] for d in digests], "source": [f"{i}.png" for i in range(images)], "sha256": digests,
                   "split": [split_for(d, 0.15, 0.2) for d in digests],

@@ -47,6 +47,14 @@ class SimpleCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class GlobalMaxPool(nn.Module):
+    """Max over the spatial axes, (B, C, H, W) -> (B, C, 1, 1): nn.AdaptiveMaxPool2d(1) written as a
+    reduction, which every ONNX exporter translates (torch 2.11's could not translate adaptive_max_pool2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3), keepdim=True)
+
+
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
@@ -64,7 +72,7 @@ class CompactCNN(nn.Module):
             *_conv_bn(3, w), *_conv_bn(w, w), nn.MaxPool2d(2),
             *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
             *_conv_bn(2 * w, 4 * w), *_conv_bn(4 * w, 4 * w),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten())
+            GlobalMaxPool(), nn.Flatten())
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * w, num_labels))
 
     def forward(self, x):

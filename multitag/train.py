@@ -299,7 +299,9 @@ def train_one_epoch(run: Run, data: TrainData, p: TrainParams, epoch: int) -> fl
             loss = run.loss_fn(run.forward(x).float(), y)
         if not torch.isfinite(loss):
             raise ValueError(f"train: the loss became {loss.item()} in epoch {epoch}; lower train.lr or "
-                                     f"change train.loss ({p.loss}) and its settings")
+                             f"change train.loss ({p.loss}) and its settings" +
+                             ("; or set train.compile: false (compiled bf16 training gave nan losses with "
+                              "torch 2.11 on a GPU)" if p.compile and run.amp_dtype else ""))
         run.optimizer.zero_grad(set_to_none=True)
         if run.scaler:
             run.scaler.scale(loss).backward()
@@ -341,27 +343,62 @@ def fit_epochs(p: TrainParams, data: TrainData, model: nn.Module, device: torch.
     the model (training steps with augmentation, one validation pass): the schedule is then built
     for that many epochs, so the run ends on time with its learning rate annealed."""
     probe = copy.deepcopy(model).to(device)
-    probe_run = Run(probe, probe, make_optimizer(probe, p), None, make_loss(p, data.y_train).to(device), device,
+    forward = torch.compile(probe) if p.compile else probe
+    probe_run = Run(probe, forward, make_optimizer(probe, p), None, make_loss(p, data.y_train).to(device), device,
                     torch.Generator().manual_seed(p.seed + 1), amp_dtype=_amp(device)[0])
     size = min(p.batch_size, len(data.x_train))
     timings = []
-    for step in range(probe_steps + 1):  # the first step is a warm-up, not counted
+    for step in range(probe_steps + 1):  # the first step is a warm-up (and compilation), not counted
         idx = torch.randint(len(data.x_train), (size,), generator=probe_run.gen)
         t0 = time.perf_counter()
         x = augment(to_input(data.x_train[idx], device), p.augment, probe_run.gen)
         with torch.autocast(device.type, dtype=probe_run.amp_dtype or torch.float32, enabled=probe_run.amp_dtype is not None):
-            loss = probe_run.loss_fn(probe(x).float(), data.y_train[idx].to(device))
+            loss = probe_run.loss_fn(forward(x).float(), data.y_train[idx].to(device))
         probe_run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         probe_run.optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # GPU work is queued: time it done, not launched
         timings.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     predict_scores(probe, data.x_val, device, tta=p.eval_augment)
     validation = (time.perf_counter() - t0) * (2 if p.ema_decay else 1)
     per_epoch = steps_per_epoch(p, len(data.x_train)) * float(np.median(timings[1:])) + validation
-    epochs = int(min(10_000, max(1, seconds * 0.95 // per_epoch)))
-    log.info("time budget: %.0f s left at about %.1f s per epoch: %d epochs planned", seconds, per_epoch, epochs)
-    return epochs, round(epochs * per_epoch, 1)
+    compiling = timings[0] if p.compile else 0.0  # the run compiles its own model once more
+    epochs = int(min(10_000, max(1, (seconds * 0.95 - compiling) // per_epoch)))
+    log.info("time budget: %.0f s left at about %.1f s per epoch%s: %d epochs planned", seconds, per_epoch,
+             f" after {compiling:.0f} s of compilation" if p.compile else "", epochs)
+    return epochs, round(epochs * per_epoch + compiling, 1)
+
+
+def _rank0(value):
+    """Rank 0's ``value`` on every rank under DDP (timed plans differ between processes, yet every
+    rank must run the same epochs), else ``value``."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def replan(run: Run, state: TrainState, p: TrainParams, n_train: int, left: float, epoch_seconds: float) -> None:
+    """After the second epoch (the first holds one-time costs), fit the epochs to the budget again from
+    that epoch's measured time, its checkpoint included: the probe's few steps miss what a whole epoch
+    costs (resnet18 on a GPU ran 74% over its budget without this). The schedule is rebuilt for the new
+    count and set to the step reached: the warm-up is behind, and the annealing had barely begun."""
+    # at least one epoch more, in which the schedule anneals (rather than stop at its peak)
+    epochs = state.epoch + max(1, int(left * 0.95 // epoch_seconds)) if epoch_seconds > 0 else state.epochs
+    epochs = _rank0(min(epochs, 10_000))
+    if epochs == state.epochs:
+        return
+    log.info("time budget: epoch %d took %.1f s: %d epochs planned instead of %d", state.epoch, epoch_seconds,
+             epochs, state.epochs)
+    done = run.scheduler.last_epoch
+    run.scheduler = make_scheduler(run.optimizer, p, steps_per_epoch(p, n_train), epochs)
+    run.scheduler.last_epoch = done - 1
+    run.scheduler.step()
+    state.planned_seconds = round(p.time_budget_s - left + (epochs - state.epoch) * epoch_seconds, 1)
+    state.epochs = epochs
 
 
 def head_parameters(model: nn.Module) -> list[torch.Tensor]:
@@ -426,7 +463,7 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
     if ckpt:
         epochs, planned = ckpt["state"]["epochs"], ckpt["state"]["planned_seconds"]
     elif p.time_budget_s:
-        epochs, planned = fit_epochs(p, data, model, device, p.time_budget_s - (time.time() - start))
+        epochs, planned = _rank0(fit_epochs(p, data, model, device, p.time_budget_s - (time.time() - start)))
     else:
         epochs, planned = p.epochs, None
     run = build(p, data, model, device, epochs)
@@ -455,6 +492,8 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
         if state.stopped:
             log.info("early stopping: no val mAP gain for %d epochs", p.patience)
         checkpointer.save(run, state, best_weights)
+        if p.time_budget_s and state.epoch == 2 and not resumed and state.epochs > 2:  # its checkpoint included
+            replan(run, state, p, len(data.x_train), p.time_budget_s - (time.time() - start), time.time() - t0)
 
     elapsed = round(time.time() - start, 1)
     budget = ({"time_budget_s": p.time_budget_s, "planned_epochs": state.epochs,

@@ -1,6 +1,6 @@
 """Prediction speed: eager PyTorch against ONNX Runtime on the exported model, side by side.
 
-    .venv/bin/python bench/onnx.py --images 512
+    .venv/bin/python bench/onnx_speed.py --images 512
 
 For each model (the shipped default at params.yaml's image size, and resnet18 at 224 px, both with
 random weights: speed does not depend on them), the same uint8 images are scored in batches of 64 by

@@ -1,7 +1,7 @@
 """Label review against errors injected on purpose: does it find them, and does fixing what it flags
 help the model?
 
-    .venv/bin/python bench/review.py --data sample --images 3000 --noise 0.05 --folds 5
+    .venv/bin/python bench/review.py --data sample --images 3000 --noise 0.05 --folds 5 --sheet docs/label-issues.png
 
 On a clean data set, a share ``--noise`` of the images gets one error each (seeded): a true label
 dropped (two times in three: missing tags are the common error) or a false one added. The review
@@ -15,6 +15,7 @@ person accepting every suggestion would get), both scored on the clean test spli
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--noise", type=float, default=0.05)
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--sheet", type=Path, help="copy the review's contact sheet (label_issues.png) here")
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
     params = params.model_copy(update={"review": params.review.model_copy(update={"enabled": True, "folds": args.folds})})
@@ -87,6 +89,8 @@ def main() -> None:
         start = time.perf_counter()
         review(params, ws)
         seconds = time.perf_counter() - start
+        if args.sheet:
+            shutil.copy(ws.label_issues_plot, args.sheet)
         rows = {r["sha256"]: r for r in read_csv_rows(ws.label_issues)}
         manifest = read_manifest(ws)
         keep = ~test

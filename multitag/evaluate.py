@@ -75,7 +75,7 @@ def _write_curves(y, scores, labels, ap, picks: dict[int, str], train_counts, ou
                   zip(np.round(recall[keep], 5), np.round(precision[keep], 5)))
         ax.set_visible(True)
         ax.step(recall, precision, where="post", linewidth=1.2)
-        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="recall", ylabel="precision")
         ax.set_title(f"{picks[j]}: {labels[j][:28]}\nAP {ap[j]:.3f} · {int(y[:, j].sum())} test · "
                      f"{int(train_counts[j])} train", fontsize=9)
     if not picks:

@@ -107,12 +107,14 @@ def plot_stats(stats: dict, path: Path) -> None:
     a.set_title(f"images per label, {len(labels)} labels, most frequent first")
     if len(ranked) <= 30:
         a.set_xticks(range(len(ranked)), [x[:20] for x in ranked], rotation=90, fontsize=8)
-    else:  # name the five most and the five least frequent
+    else:  # name the five most and the five least frequent, in a box (labels of equal counts would overlap on the bars)
         a.set_xticks([])
         a.set_xlabel("labels, by frequency")
-        for i in [*range(5), *range(len(ranked) - 5, len(ranked))]:
-            a.annotate(f"{ranked[i][:18]} ({stats['frequency'][ranked[i]]})", (i, counts[i]), rotation=70,
-                       fontsize=7, xytext=(0, 4), textcoords="offset points", ha="left")
+        top5, bottom5 = ([f"  {ranked[i][:24]} ({stats['frequency'][ranked[i]]})" for i in idx]
+                         for idx in (range(5), range(len(ranked) - 5, len(ranked))))
+        a.text(0.98, 0.97, "\n".join(["most frequent:", *top5, "least frequent:", *bottom5]),
+               transform=a.transAxes, ha="right", va="top", multialignment="left", fontsize=7, family="monospace",
+               bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"})
     hist = stats["labels_per_image"]
     b.bar([int(k) for k in hist], list(hist.values()), color="tab:gray")
     b.set(title="labels per image", xlabel="labels", ylabel="images")

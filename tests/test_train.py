@@ -113,6 +113,34 @@ def test_a_time_budget_plans_the_epochs_and_anneals_the_schedule(data):
     assert json.loads(data.train_summary.read_text())["time_budget_s"] == 6
 
 
+def test_the_budget_is_fitted_again_from_a_measured_epoch_and_the_schedule_follows(data):
+    from multitag.train import TrainState, build, load_data, replan, steps_per_epoch
+
+    p = _params(epochs=10, time_budget_s=100)
+    d = load_data(p, data)
+    steps = steps_per_epoch(p, len(d.x_train))
+
+    def after_two_epochs(planned: int):
+        run = build(p, d, build_model("simple_cnn", 3, 16), torch.device("cpu"), epochs=planned)
+        for _ in range(2 * steps):
+            run.optimizer.step()
+            run.scheduler.step()
+        return run
+
+    run, state = after_two_epochs(10), TrainState(epochs=10, planned_seconds=95.0, epoch=2)
+    replan(run, state, p, len(d.x_train), left=40, epoch_seconds=10)  # 10 s an epoch, not 9.5: 3 more fit in 40 s
+    assert state.epochs == 5 and state.planned_seconds == 60 + 3 * 10
+    # the rebuilt schedule stands where a 5-epoch schedule stands after two epochs, and anneals at its end
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(after_two_epochs(5).optimizer.param_groups[0]["lr"])
+    for _ in range(3 * steps - 1):
+        run.optimizer.step()
+        run.scheduler.step()
+    assert run.optimizer.param_groups[0]["lr"] < p.lr * 0.01
+    state = TrainState(epochs=10, epoch=2)
+    replan(after_two_epochs(10), state, p, len(d.x_train), left=1, epoch_seconds=10)
+    assert state.epochs == 3  # out of time: still one epoch more, in which the schedule anneals
+
+
 def test_the_mldecoder_head_trains_saves_and_loads(data):
     model = build_model("compact_cnn", 250, 16, head="mldecoder")
     out = model(torch.rand(2, 3, 16, 16))

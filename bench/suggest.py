@@ -1,6 +1,6 @@
 """Annotation suggestions against a random pick: which 300 images should be labelled next?
 
-    .venv/bin/python bench/suggest.py --start 300 --add 300 --seeds 0,1,2
+    .venv/bin/python bench/suggest.py --start 300 --add 300 --seeds 0,1,2 [--epochs 80]
 
 From the built-in sample data, a model is trained on ``--start`` labelled images; from the rest of
 the train split (the pool, labels hidden), ``--add`` more are chosen by `multitag suggest`'s ranking
@@ -55,8 +55,11 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=300)
     ap.add_argument("--add", type=int, default=300)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, help="train.epochs for every model (default: params.yaml's)")
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
+    if args.epochs:
+        params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": args.epochs})})
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -93,7 +96,7 @@ def main() -> None:
             print(f"  seed {seed}: {results[-1]}", flush=True)
     table = pd.DataFrame(results)
     print(f"sample data, {args.images} images; {args.start} labelled + {args.add} chosen from the pool; "
-          f"params.yaml's recipe; test mAP")
+          f"params.yaml's recipe, {params.train.epochs} epochs; test mAP")
     print(table.to_string(index=False, float_format="{:.4f}".format))
     diff = table["suggested"] - table["random"]
     print(f"ratio: suggested - random = {', '.join(f'{100 * d:+.2f}' for d in diff)} mAP points per seed "

@@ -65,3 +65,26 @@ def markdown_table(rows: Sequence[Sequence], header: Sequence[str] | None = None
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def contact_sheet(images: Sequence, titles: Sequence[str], path: Path, title: str, colors: Sequence[str] | None = None,
+                  message: str = "no images", cols: int = 6) -> None:
+    """A PNG grid of ``images`` (HxWx3 uint8), each under its title (up to three short lines), or
+    ``message`` when there are none. Constrained layout keeps every title clear of the row above."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.0 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, image, text) in enumerate(zip(axes.flat, images, titles)):
+        ax.imshow(image)
+        ax.set_title(text, fontsize=7, color=colors[i] if colors else "black")
+    if not len(images):
+        axes.flat[0].text(0, 0.5, message, fontsize=11)
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from multitag.report import write_csv
+from multitag.report import contact_sheet, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +68,11 @@ def suggest(names: list[str], images: np.ndarray, probs: np.ndarray, thresholds:
 
 def write_suggestions(table: pd.DataFrame, images: dict[str, np.ndarray], out: Path) -> None:
     """suggestions.csv and a contact sheet, suggestions.png, in ``out``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     write_csv(out / "suggestions.csv", list(table.columns), table.itertuples(index=False))
     shown = table.head(30)
-    cols = 6
-    fig, axes = plt.subplots(max(1, -(-len(shown) // cols)), cols, figsize=(2.6 * cols, 2.7 * max(1, -(-len(shown) // cols))),
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, row in zip(axes.flat, shown.itertuples()):
-        ax.imshow(images[row.image])
-        ax.set_title(f"#{row.rank} {row.image[:20]}\n{row.uncertain_labels[:34]}", fontsize=7)
-    fig.suptitle("annotate next: most informative first, near-duplicates kept apart", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "suggestions.png", dpi=80)
-    plt.close(fig)
+    contact_sheet([images[row.image] for row in shown.itertuples()],
+                  [f"#{row.rank} {row.image[:20]}\n{row.uncertain_labels[:34]}" for row in shown.itertuples()],
+                  out / "suggestions.png", "annotate next: most informative first, near-duplicates kept apart")
 
 
 def write_batch_skeleton(table: pd.DataFrame, read, dest: Path) -> Path:

@@ -96,7 +96,8 @@ def render_review(ws: Layout) -> dict:
                                                                           "likely_extra", "quality", "flagged")}
                                                          for r in rows[:200]],
                               description=f"label review: the 200 least likely annotations of {len(rows)}; "
-                                          f"{summary['flagged']} flagged (all in {ws.label_issues.name})")
+                                          f"{summary['flagged']} flagged (all in {ws.label_issues.name}); the "
+                                          f"fold models' held-out mAP {summary['heldout_map']}")
     return summary
 
 

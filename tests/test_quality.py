@@ -18,7 +18,7 @@ from multitag.lineage import RawData
 from multitag.models import build_model, save_model_file
 from multitag.registry import Registry
 from multitag.report import read_csv_rows
-from multitag.review import review
+from multitag.review import WEAK_MODELS, review
 from multitag.storage import LocalStore
 from multitag.suggest import pick, uncertainty
 from tests.conftest import BIN, run, tiny_params
@@ -44,6 +44,7 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
     result = review(params, data)
     rows = read_csv_rows(data.label_issues)
     assert result["images"] == len(rows) == len(y) and data.label_issues_plot.stat().st_size > 10_000
+    assert result["heldout_map"] > WEAK_MODELS  # models good enough for their flags to mean something
     injected = set(manifest["sha256"][wrong])
     worst = {r["sha256"] for r in rows[:len(wrong)]}
     assert len(worst & injected) >= 4, (len(worst & injected), rows[:8])  # ranked among the worst
@@ -63,6 +64,15 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
     assert review_batch(data, str(images), tmp_path / "batch") == 2
     batch = read_csv_rows(tmp_path / "batch/labels.csv")
     assert [r["tags"] for r in batch] == [rows[0]["suggested"], rows[1]["suggested"]]
+
+
+def test_a_review_by_models_too_weak_to_trust_says_so(data, caplog):
+    params = parse_params({**tiny_params(), "review": {"enabled": True, "folds": 2},
+                           "train": {"model": "simple_cnn", "epochs": 1, "lr": 1e-7, "device": "cpu"}})
+    with caplog.at_level("WARNING", logger="multitag.review"):
+        result = review(params, data)
+    assert result["heldout_map"] < WEAK_MODELS
+    assert "most of the" in caplog.text and "probably the models' errors" in caplog.text
 
 
 def test_review_off_writes_its_outputs_saying_so_and_suggest_without_a_model_changes_nothing(data, tmp_path):

@@ -107,10 +107,10 @@ def evaluate(p: EvaluateParams, layout: Layout) -> dict:
     metrics["val"], _, _ = score_split(*splits["val"], thresholds)
     y_test, s_test = splits["test"]
     metrics["test"], test_ap, test_f1 = score_split(y_test, s_test, thresholds)
-    train_counts = load_split(layout, "train")[1].numpy().sum(0)
+    train_counts = load_split(layout, "train", in_memory=False)[1].numpy().sum(0)  # the targets, not the images
     buckets = frequency_buckets(train_counts)
     metrics["buckets"] = {name: {k: _nan_to_none(v) for k, v in m.items()}
-                          for name, m in bucket_metrics(y_test, s_test, s_test >= thresholds, buckets).items()}
+                          for name, m in bucket_metrics(y_test, test_ap, s_test >= thresholds, buckets).items()}
     bucket_of = {int(j): name for name, idx in buckets.items() for j in idx}
 
     write_json(layout.metrics, metrics)

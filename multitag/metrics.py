@@ -68,9 +68,9 @@ def frequency_buckets(train_counts: np.ndarray) -> dict[str, np.ndarray]:
     return dict(zip(("head", "medium", "tail"), np.array_split(order, 3)))
 
 
-def bucket_metrics(y: np.ndarray, scores: np.ndarray, pred: np.ndarray, buckets: dict[str, np.ndarray]) -> dict:
-    """mAP, micro-F1 and micro recall of each bucket of labels (NaN where a bucket has no positives)."""
-    ap = per_label_ap(y, scores)
+def bucket_metrics(y: np.ndarray, ap: np.ndarray, pred: np.ndarray, buckets: dict[str, np.ndarray]) -> dict:
+    """mAP, micro-F1 and micro recall of each bucket of labels, from the labels' AP (per_label_ap)
+    and predictions (NaN where a bucket has no positives)."""
     out = {}
     for name, idx in buckets.items():
         cls = classification_metrics(y[:, idx], pred[:, idx]) if len(idx) else {}

@@ -80,18 +80,25 @@ def open_model(model: str, registry: Registry, thresholds_file: str | None, engi
         predictor = Predictor(path, engine, thresholds, device)
         return predictor, model, {"file": str(path.resolve()), "engine": engine,
                                   "thresholds": predictor.thresholds.tolist()}
-    file = "model.onnx" if engine == "onnx" else "model.pt"
-    try:
-        version, card = registry.download_model(model, tmp / file, file)
-    except NotFound:
-        if engine != "onnx":
-            raise
-        version, card = registry.download_model(model, tmp / "model.pt")
-        export_onnx(tmp / "model.pt", tmp / file, card["thresholds"])
+    version, card, path = _registered_file(registry, model, engine, tmp)
     thresholds = _thresholds(thresholds_file, card["labels"]) if thresholds_file else np.asarray(card["thresholds"])
     spec = {"store": registry.store.uri, "name": registry.name, "version": version, "engine": engine,
             "thresholds": thresholds.tolist()}
-    return Predictor(tmp / file, engine, thresholds, device), f"{registry.name} v{version} ({engine})", spec
+    return Predictor(path, engine, thresholds, device), f"{registry.name} v{version} ({engine})", spec
+
+
+def _registered_file(registry: Registry, ref: str | int, engine: str, folder: Path) -> tuple[int, dict, Path]:
+    """(version, card, path) of a registered version's file for ``engine`` (model.onnx or model.pt),
+    downloaded into ``folder``; a version registered before ONNX export is exported here."""
+    path = folder / ("model.onnx" if engine == "onnx" else "model.pt")
+    try:
+        version, card = registry.download_model(ref, path, path.name)
+    except NotFound:
+        if engine != "onnx":
+            raise
+        version, card = registry.download_model(ref, folder / "model.pt")
+        export_onnx(folder / "model.pt", path, card["thresholds"])
+    return version, card, path
 
 
 class ImageSource:
@@ -146,19 +153,13 @@ def _worker_predictor(spec: dict) -> Predictor:
     can read, or a registered version they download from the store themselves."""
     key = json.dumps(spec, sort_keys=True)
     if key not in _PREDICTORS:
-        folder = Path(tempfile.mkdtemp(prefix="multitag-model-"))
         if spec.get("file"):
             path = Path(spec["file"])
         else:
             from multitag.storage import open_store
-            file = "model.onnx" if spec["engine"] == "onnx" else "model.pt"
             registry = Registry(open_store(spec["store"]), spec["name"])
-            try:
-                registry.download_model(spec["version"], folder / file, file)
-            except NotFound:  # registered before ONNX export
-                registry.download_model(spec["version"], folder / "model.pt")
-                export_onnx(folder / "model.pt", folder / file)
-            path = folder / file
+            path = _registered_file(registry, spec["version"], spec["engine"],
+                                    Path(tempfile.mkdtemp(prefix="multitag-model-")))[2]
         _PREDICTORS[key] = Predictor(path, spec["engine"], np.asarray(spec["thresholds"]), select_device("auto"))
     return _PREDICTORS[key]
 

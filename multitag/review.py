@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from multitag.config import Params, TrainParams
-from multitag.layout import Layout, load_split, read_manifest, select_device
+from multitag.layout import Layout, load_split, select_device
 from multitag.metrics import mean_ap
 from multitag.report import contact_sheet, read_json, write_csv, write_json
 
@@ -48,13 +48,13 @@ def fold_of(digest: str, folds: int) -> int:
     return int(digest[16:24], 16) % folds
 
 
-def out_of_sample(p: TrainParams, layout: Layout, x: np.ndarray, folds: int, time_budget_s: float | None) -> np.ndarray:
-    """(images, labels) probabilities for the images ``x`` of the manifest, each image's from a model
-    trained without it."""
+def out_of_sample(p: TrainParams, layout: Layout, x: np.ndarray, manifest: pd.DataFrame, folds: int,
+                  time_budget_s: float | None) -> np.ndarray:
+    """(images, labels) probabilities for the images ``x`` of the whole ``manifest`` (its rows in
+    order), each image's from a model trained without it."""
     from multitag.models import load_model_file, predict_scores
     from multitag.train import train
 
-    manifest = read_manifest(layout)
     fold = np.array([fold_of(d, folds) for d in manifest["sha256"]])
     probs = np.full((len(manifest), len(read_json(layout.vocabulary)["labels"])), np.nan, np.float32)
     params = p.model_copy(update={"time_budget_s": time_budget_s} if time_budget_s else {})
@@ -110,7 +110,7 @@ def review(params: Params, layout: Layout) -> dict:
     x, y, manifest = load_split(layout, None)
     x, y = x.numpy(), y.numpy().astype(np.uint8)
     labels = read_json(layout.vocabulary)["labels"]
-    probs = out_of_sample(params.train, layout, x, r.folds, r.time_budget_s)
+    probs = out_of_sample(params.train, layout, x, manifest, r.folds, r.time_budget_s)
     found = find_issues(y, probs, r.threshold)
     heldout = mean_ap(y, probs)
     names = np.array(labels, dtype=object)

@@ -276,6 +276,24 @@ def _batches(images, chunks: list, workers: int, device: torch.device):
                                            multiprocessing_context="spawn")
 
 
+def train_step(run: Run, xb: torch.Tensor, yb: torch.Tensor, p: TrainParams) -> torch.Tensor:
+    """One optimizer step on a batch of uint8 images ``xb`` and their targets ``yb``: augmentation,
+    the forward pass under mixed precision, backward and the step; returns the loss."""
+    x = augment(to_input(xb, run.device), p.augment, run.gen)
+    y = yb.to(run.device, non_blocking=True)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        loss = run.loss_fn(run.forward(x).float(), y)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.optimizer.step()
+    return loss
+
+
 def train_one_epoch(run: Run, data: TrainData, p: TrainParams, epoch: int) -> float:
     """One pass over the shuffled training split (this rank's share of it under DDP); returns the
     mean loss."""
@@ -293,23 +311,12 @@ def train_one_epoch(run: Run, data: TrainData, p: TrainParams, epoch: int) -> fl
         yb = data.y_train[idx]
         if run.device.type == "cuda":  # page-locked batches: the copies to the GPU run asynchronously
             yb = yb.pin_memory()
-        x = augment(to_input(xb, run.device), p.augment, run.gen)
-        y = yb.to(run.device, non_blocking=True)
-        with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-            loss = run.loss_fn(run.forward(x).float(), y)
+        loss = train_step(run, xb, yb, p)
         if not torch.isfinite(loss):
             raise ValueError(f"train: the loss became {loss.item()} in epoch {epoch}; lower train.lr or "
                              f"change train.loss ({p.loss}) and its settings" +
                              ("; or set train.compile: false (compiled bf16 training gave nan losses with "
                               "torch 2.11 on a GPU)" if p.compile and run.amp_dtype else ""))
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.scaler:
-            run.scaler.scale(loss).backward()
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            loss.backward()
-            run.optimizer.step()
         run.scheduler.step()
         if run.ema is not None:
             run.ema.update(run.model)
@@ -344,19 +351,15 @@ def fit_epochs(p: TrainParams, data: TrainData, model: nn.Module, device: torch.
     for that many epochs, so the run ends on time with its learning rate annealed."""
     probe = copy.deepcopy(model).to(device)
     forward = torch.compile(probe) if p.compile else probe
+    amp_dtype, scaler = _amp(device)
     probe_run = Run(probe, forward, make_optimizer(probe, p), None, make_loss(p, data.y_train).to(device), device,
-                    torch.Generator().manual_seed(p.seed + 1), amp_dtype=_amp(device)[0])
+                    torch.Generator().manual_seed(p.seed + 1), amp_dtype=amp_dtype, scaler=scaler)
     size = min(p.batch_size, len(data.x_train))
     timings = []
     for step in range(probe_steps + 1):  # the first step is a warm-up (and compilation), not counted
         idx = torch.randint(len(data.x_train), (size,), generator=probe_run.gen)
         t0 = time.perf_counter()
-        x = augment(to_input(data.x_train[idx], device), p.augment, probe_run.gen)
-        with torch.autocast(device.type, dtype=probe_run.amp_dtype or torch.float32, enabled=probe_run.amp_dtype is not None):
-            loss = probe_run.loss_fn(forward(x).float(), data.y_train[idx].to(device))
-        probe_run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        probe_run.optimizer.step()
+        train_step(probe_run, data.x_train[idx], data.y_train[idx], p)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # GPU work is queued: time it done, not launched
         timings.append(time.perf_counter() - t0)

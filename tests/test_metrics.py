@@ -79,13 +79,13 @@ def test_vectorised_ap_and_thresholds_equal_the_per_label_definitions():
 
 
 def test_bucket_metrics_on_a_hand_computed_example():
-    from multitag.metrics import bucket_metrics, frequency_buckets
+    from multitag.metrics import bucket_metrics, frequency_buckets, per_label_ap
 
     buckets = frequency_buckets(np.array([5, 50, 1, 20, 2, 9]))  # labels by training frequency
     assert [list(v) for v in buckets.values()] == [[1, 3], [5, 0], [4, 2]]
     y = np.array([[1, 1, 0, 0, 1, 0], [0, 1, 1, 1, 0, 0], [1, 0, 0, 1, 0, 1]])
     s = np.array([[.9, .8, .1, .2, .7, .3], [.2, .6, .4, .9, .6, .1], [.8, .3, .3, .7, .2, .2]])
-    m = bucket_metrics(y, s, s >= 0.5, buckets)
+    m = bucket_metrics(y, per_label_ap(y, s), s >= 0.5, buckets)
     assert m["head"]["map"] == pytest.approx(1.0)  # labels 1 and 3: every positive above every negative
     # tail: labels 4 and 2 each have one positive, scored above their negatives (.7; .4): AP 1 each
     assert m["tail"]["map"] == pytest.approx(1.0) and m["tail"]["labels"] == 2

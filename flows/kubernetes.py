@@ -16,16 +16,18 @@ import copy
 import json
 from pathlib import Path
 
+from multitag.distributed import GPU_NODE_SELECTOR, GPU_TOLERATIONS
+
 TEMPLATE_FILE = Path(__file__).resolve().parents[1] / "infra" / "kubernetes" / "base-job-template.json"
 
 VARIABLES = {
     "gpus": {"type": "string", "pattern": "^[0-9]+$", "default": "1", "title": "GPUs",
              "description": "GPUs for the flow-run pod (the container's nvidia.com/gpu limit)."},
     "node_selector": {"type": "object", "additionalProperties": {"type": "string"}, "title": "Node selector",
-                      "default": {"nvidia.com/gpu.present": "true"},
+                      "default": GPU_NODE_SELECTOR,
                       "description": "Labels of the nodes the pod may run on (GPU nodes)."},
     "tolerations": {"type": "array", "items": {"type": "object"}, "title": "Tolerations",
-                    "default": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "default": GPU_TOLERATIONS,
                     "description": "Tolerations for the GPU nodes' taints."},
     "shm_size": {"type": "string", "default": "8Gi", "title": "Shared memory",
                  "description": "Size of /dev/shm, a memory-backed emptyDir (DataLoader workers share batches there)."},

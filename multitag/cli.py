@@ -191,23 +191,20 @@ def suggest(
 
     import numpy as np
 
+    from multitag.layout import select_device
     from multitag.predict import ImageSource, decode_batch, open_model
-    from multitag.storage import open_store
     from multitag.suggest import suggest as rank, write_batch_skeleton, write_suggestions
 
     _setup_logging()
     try:
         if n < 1:
             raise ValueError("--n must be at least 1")
-        p = load_params(params)
+        registry = _registry(params)
         source_ = ImageSource(source)
         if not source_.names:
             raise FileNotFoundError(f"no image files in {source}")
         with tempfile.TemporaryDirectory() as tmp:
-            from multitag.layout import select_device
-            from multitag.registry import Registry
-            predictor, desc, _ = open_model(model, Registry(open_store(p.store.uri, params.parent), p.register.name),
-                                            None, "torch", Path(tmp), select_device("auto"))
+            predictor, desc, _ = open_model(model, registry, None, "torch", Path(tmp), select_device("auto"))
             names, arrays, errors = decode_batch(source_, source_.names, predictor.image_size)
         if not names:
             raise ValueError(f"none of the {len(errors)} image files in {source} could be read; first: "
@@ -254,7 +251,7 @@ def export(
     version: Annotated[str, typer.Argument(help="Registered version (3, v3) or alias (champion)")],
     out: Annotated[Path, typer.Option(help="Folder to write model.onnx into")] = Path("export"),
     format: Annotated[str, typer.Option(help="onnx (the only format)")] = "onnx",
-    params: Annotated[Path, typer.Option(help="params.yaml naming the store and the registered model")] = Path("params.yaml"),
+    params: ParamsOption = Path("params.yaml"),
 ):
     """Write a registered version as model.onnx (dynamic batch, sigmoid outputs, labels and tuned
     thresholds in its metadata) for a serving stack; versions registered before ONNX export too."""

@@ -27,6 +27,10 @@ from multitag.config import Params
 log = logging.getLogger(__name__)
 
 JOB_PORT = 29500
+# Where GPU pods go: the label the NVIDIA GPU operator puts on GPU nodes, and the toleration of their taint
+# (the defaults of the flow-run work pool's template too, flows/kubernetes.py).
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 OUTPUTS = ["models/model.pt", "reports/train.json", "reports/train_history.csv"]  # what rank 0 uploads
 
 
@@ -80,9 +84,8 @@ def indexed_job(params: Params, name: str, files: dict[str, str], upload: str) -
            "spec": {"completionMode": "Indexed", "completions": t.nodes, "parallelism": t.nodes, "backoffLimit": 0,
                     "template": {"metadata": {"labels": {"app": "multitag", "job-name": name}},
                                  "spec": {"subdomain": name, "restartPolicy": "Never", "containers": [container],
-                                          "nodeSelector": {"nvidia.com/gpu.present": "true"},
-                                          "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                                           "effect": "NoSchedule"}],
+                                          "nodeSelector": dict(GPU_NODE_SELECTOR),
+                                          "tolerations": [dict(t) for t in GPU_TOLERATIONS],
                                           "volumes": [{"name": "dshm",
                                                        "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
                                                       {"name": "workspace", "configMap": {"name": name}}]}}}}

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quality.py --images 4000 --budget 240
     .venv/bin/python bench/quality.py --data sample          # the built-in digits instead
+    .venv/bin/python bench/quality.py --repeats 3            # every row with 3 seeds: mean and each run
 
 Each row trains for the same number of seconds (multitag rows through train.time_budget_s, which
 fits the epochs and the one-cycle schedule to it; the seed rows stop when the time is spent) on the
@@ -64,6 +65,11 @@ VARIANTS = {
     "64px-photos-ema": ({"image_size": 64}, {"augment": {"preset": "photos"}, "ema_decay": 0.998}),
     "64px-photos-mldecoder": ({"image_size": 64}, {"augment": {"preset": "photos"}, "head": "mldecoder"}),
     "96px-photos": ({"image_size": 96}, {"augment": {"preset": "photos"}}),
+    "photos-wide": ({}, {"augment": {"preset": "photos"}, "model": "compact_cnn_wide"}),
+    "photos-deep": ({}, {"augment": {"preset": "photos"}, "model": "compact_cnn_deep"}),
+    "photos-b64": ({}, {"augment": {"preset": "photos"}, "batch_size": 64, "lr": 0.006}),
+    "64px-photos-s2": ({"image_size": 64}, {"augment": {"preset": "photos"}, "model": "compact_cnn_s2"}),
+    "64px-photos-deep-s2": ({"image_size": 64}, {"augment": {"preset": "photos"}, "model": "compact_cnn_deep_s2"}),
 }
 
 
@@ -112,6 +118,8 @@ def main() -> None:
     ap.add_argument("--seed-sizes", default="32,64,96", help="image sizes the seed recipe tries")
     ap.add_argument("--rows", default="aug-none,aug-photos,aug-strong,64px,64px-photos",
                     help=f"variants of the default to run, from {', '.join(VARIANTS)}")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of every row, seeds train.seed + 0..repeats-1; the table shows their mean")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = ap.parse_args()
     params = load_params(args.params)
@@ -131,9 +139,10 @@ def main() -> None:
                 make_labels(ws)
             return ws
 
-        def multitag_row(name: str, ingest_changes: dict, train_changes: dict) -> None:
+        def multitag_row(name: str, ingest_changes: dict, train_changes: dict, seed: int) -> None:
             ws = prepared(ingest_changes)
-            p = params.train.model_validate({**params.train.model_dump(), **train_changes, "time_budget_s": args.budget})
+            p = params.train.model_validate({**params.train.model_dump(), **train_changes, "time_budget_s": args.budget,
+                                             "seed": seed})
             for f in (ws.model, ws.checkpoint):
                 f.unlink(missing_ok=True)
             start = time.perf_counter()
@@ -148,7 +157,7 @@ def main() -> None:
             scores = predict_scores(net, x_all[te], torch.device("cpu"), tta=meta["tta"])
             thresholds = np.asarray(pd.read_json(ws.thresholds, typ="series")["thresholds"])
             results.append(row(name, y[te], scores, thresholds, y[tr], meta["labels"], seconds))
-            print(f"  {name}: test mAP {results[-1]['mAP']:.4f}", flush=True)
+            print(f"  {name} (seed {seed}): test mAP {results[-1]['mAP']:.4f}", flush=True)
 
         ws = prepared({})
         manifest, y = pd.read_parquet(ws.manifest), np.load(ws.targets)
@@ -158,17 +167,25 @@ def main() -> None:
         tr, te = (manifest["split"] == "train").to_numpy(), (manifest["split"] == "test").to_numpy()
         print(f"data: {args.data}, {len(manifest)} images ({tr.sum()} train / {te.sum()} test), {len(labels)} labels; "
               f"training budget {args.budget:.0f} s per row; {torch.get_num_threads()} CPU threads", flush=True)
+        seeds = [params.train.seed + r for r in range(args.repeats)]
         for size in (int(s) for s in args.seed_sizes.split(",") if s):  # "" runs no seed row
-            start = time.perf_counter()
-            scores = seed_recipe(list(paths[tr]), y[tr], list(paths[te]), size, args.budget, params.train.seed)
-            results.append(row(f"seed@{size}px", y[te], scores, np.full(len(labels), 0.5), y[tr], labels,
-                               time.perf_counter() - start))
-            print(f"  seed@{size}px: test mAP {results[-1]['mAP']:.4f}", flush=True)
-        multitag_row(f"default ({params.train.model}, {base.image_size}px, {params.train.augment.preset})", {}, {})
-        for name in filter(None, args.rows.split(",")):
-            multitag_row(name, *VARIANTS[name])
+            for seed in seeds:
+                start = time.perf_counter()
+                scores = seed_recipe(list(paths[tr]), y[tr], list(paths[te]), size, args.budget, seed)
+                results.append(row(f"seed@{size}px", y[te], scores, np.full(len(labels), 0.5), y[tr], labels,
+                                   time.perf_counter() - start))
+                print(f"  seed@{size}px (seed {seed}): test mAP {results[-1]['mAP']:.4f}", flush=True)
+        rows = {f"default ({params.train.model}, {base.image_size}px, {params.train.augment.preset})": ({}, {}),
+                **{name: VARIANTS[name] for name in filter(None, args.rows.split(","))}}
+        for name, changes in rows.items():
+            for seed in seeds:
+                multitag_row(name, *changes, seed)
 
-    table = pd.DataFrame(results)
+    runs = pd.DataFrame(results)
+    table = runs.groupby("recipe", sort=False).mean().reset_index()
+    if args.repeats > 1:  # each run's mAP beside the mean: the spread between seeds
+        table.insert(2, "mAP runs", runs.groupby("recipe", sort=False)["mAP"].agg(
+            lambda m: " ".join(f"{v:.3f}" for v in m)).to_numpy())
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4f}".format):
         print(table.to_string(index=False))
     seeds = table[table["recipe"].str.startswith("seed@")]

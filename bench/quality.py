@@ -65,11 +65,7 @@ VARIANTS = {
     "64px-photos-ema": ({"image_size": 64}, {"augment": {"preset": "photos"}, "ema_decay": 0.998}),
     "64px-photos-mldecoder": ({"image_size": 64}, {"augment": {"preset": "photos"}, "head": "mldecoder"}),
     "96px-photos": ({"image_size": 96}, {"augment": {"preset": "photos"}}),
-    "photos-wide": ({}, {"augment": {"preset": "photos"}, "model": "compact_cnn_wide"}),
-    "photos-deep": ({}, {"augment": {"preset": "photos"}, "model": "compact_cnn_deep"}),
     "photos-b64": ({}, {"augment": {"preset": "photos"}, "batch_size": 64, "lr": 0.006}),
-    "64px-photos-s2": ({"image_size": 64}, {"augment": {"preset": "photos"}, "model": "compact_cnn_s2"}),
-    "64px-photos-deep-s2": ({"image_size": 64}, {"augment": {"preset": "photos"}, "model": "compact_cnn_deep_s2"}),
 }
 
 

@@ -22,7 +22,7 @@ from multitag.errors import ConfigError
 from multitag.layout import LINEAGE, PARAMS
 
 STORE_URI_ENV = "MULTITAG_STORE_URI"
-LOCAL_MODELS = ("compact_cnn", "simple_cnn", "compact_cnn_wide", "compact_cnn_deep", "compact_cnn_s2", "compact_cnn_deep_s2")  # multitag/models.py; anything else comes from torchvision
+LOCAL_MODELS = ("compact_cnn", "simple_cnn")  # multitag/models.py; anything else comes from torchvision
 
 
 class _Section(BaseModel):

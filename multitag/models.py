@@ -55,10 +55,6 @@ class GlobalMaxPool(nn.Module):
         return x.amax(dim=(2, 3), keepdim=True)
 
 
-COMPACT_VARIANTS = {"compact_cnn": {}, "compact_cnn_wide": {"width": 48}, "compact_cnn_deep": {"stages": 4},
-                    "compact_cnn_s2": {"stem_stride": 2}, "compact_cnn_deep_s2": {"stages": 4, "stem_stride": 2}}
-
-
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
@@ -69,17 +65,15 @@ class CompactCNN(nn.Module):
     its global max pooling asks "is this label anywhere in the image", which suits multi-label
     presence. On 2 CPU cores it trains about 5x faster than resnet18 at 32 px."""
 
-    def __init__(self, num_labels: int, width: int = 32, stages: int = 3, stem_stride: int = 1):
+    def __init__(self, num_labels: int, width: int = 32):
         super().__init__()
-        layers, cin = [], 3
-        for s in range(stages):
-            cout = width * 2 ** s
-            layers += [*_conv_bn(cin, cout), *_conv_bn(cout, cout)] + ([nn.MaxPool2d(2)] if s < stages - 1 else [])
-            cin = cout
-        if stem_stride > 1:
-            layers[0] = nn.Conv2d(3, width, 3, stride=stem_stride, padding=1, bias=False)
-        self.features = nn.Sequential(*layers, GlobalMaxPool(), nn.Flatten())
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(cin, num_labels))
+        w = width
+        self.features = nn.Sequential(
+            *_conv_bn(3, w), *_conv_bn(w, w), nn.MaxPool2d(2),
+            *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
+            *_conv_bn(2 * w, 4 * w), *_conv_bn(4 * w, 4 * w),
+            GlobalMaxPool(), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * w, num_labels))
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -128,7 +122,7 @@ class DecoderNet(nn.Module):
 
 def spatial_features(name: str, backbone: nn.Module, image_size: int) -> tuple[nn.Module, int]:
     """The part of a backbone that keeps a spatial map (before global pooling), and its channels."""
-    if name in COMPACT_VARIANTS:
+    if name == "compact_cnn":
         features = backbone.features[:-2]
     elif hasattr(backbone, "layer4") and hasattr(backbone, "fc"):  # ResNet, ResNeXt, Wide ResNet
         features = nn.Sequential(*list(backbone.children())[:-2])
@@ -220,8 +214,8 @@ def build_model(name: str, num_labels: int, image_size: int, pretrained: str | N
     linear head, or an ML-Decoder over its spatial features (``head="mldecoder"``)."""
     if name == "simple_cnn":
         backbone = SimpleCNN(num_labels, image_size)
-    elif name in COMPACT_VARIANTS:
-        backbone = CompactCNN(num_labels, **COMPACT_VARIANTS[name])
+    elif name == "compact_cnn":
+        backbone = CompactCNN(num_labels)
     else:
         import torchvision
         if name not in torchvision.models.list_models(module=torchvision.models):

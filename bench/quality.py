@@ -179,6 +179,7 @@ def main() -> None:
 
     runs = pd.DataFrame(results)
     table = runs.groupby("recipe", sort=False).mean().reset_index()
+    table["train s"] = table["train s"].round().astype(int)
     if args.repeats > 1:  # each run's mAP beside the mean: the spread between seeds
         table.insert(2, "mAP runs", runs.groupby("recipe", sort=False)["mAP"].agg(
             lambda m: " ".join(f"{v:.3f}" for v in m)).to_numpy())

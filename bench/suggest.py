@@ -1,13 +1,14 @@
 """Annotation suggestions against a random pick: which 300 images should be labelled next?
 
-    .venv/bin/python bench/suggest.py --start 300 --add 300 --seeds 0,1,2 [--epochs 80]
+    .venv/bin/python bench/suggest.py --start 300 --add 300 --seeds 0,1,2 [--epochs 40] [--repeats 2]
 
 From the built-in sample data, a model is trained on ``--start`` labelled images; from the rest of
 the train split (the pool, labels hidden), ``--add`` more are chosen by `multitag suggest`'s ranking
 (uncertainty around the tuned thresholds, near-duplicates kept apart) and, as the baseline, at
 random; a model is trained on each enlarged set and scored on the same test split. Repeated per
-seed (the seed picks the starting images and the random ones). Prints test mAP per seed and the
-difference suggested - random last.
+seed (the seed picks the starting images and the random ones); with --repeats each enlarged set
+trains that many models (train.seed + 0, 1, ...) and counts their mean. Prints test mAP per seed
+and the difference suggested - random last.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--add", type=int, default=300)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, help="train.epochs for every model (default: params.yaml's)")
+    ap.add_argument("--repeats", type=int, default=1, help="models trained per arm (seeds train.seed + 0..repeats-1): "
+                    "their mean test mAP, so that one unlucky training run does not decide")
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
     if args.epochs:
@@ -90,13 +93,16 @@ def main() -> None:
                 keep = start.copy()
                 keep[picked] = True
                 ws = subset(full, tmp / f"{name}{seed}", keep)
-                train(params.train, ws)
-                scores[name] = evaluate(params.evaluate, ws)["test"]["map"]
+                runs = []
+                for r in range(args.repeats):
+                    train(params.train.model_copy(update={"seed": params.train.seed + r}), ws)
+                    runs.append(evaluate(params.evaluate, ws)["test"]["map"])
+                scores[name] = float(np.mean(runs))
             results.append({"seed": seed, "start mAP": evaluate(params.evaluate, base)["test"]["map"], **scores})
             print(f"  seed {seed}: {results[-1]}", flush=True)
     table = pd.DataFrame(results)
     print(f"sample data, {args.images} images; {args.start} labelled + {args.add} chosen from the pool; "
-          f"params.yaml's recipe, {params.train.epochs} epochs; test mAP")
+          f"params.yaml's recipe, {params.train.epochs} epochs; test mAP (mean of {args.repeats} models per arm)")
     print(table.to_string(index=False, float_format="{:.4f}".format))
     diff = table["suggested"] - table["random"]
     print(f"ratio: suggested - random = {', '.join(f'{100 * d:+.2f}' for d in diff)} mAP points per seed "

@@ -387,8 +387,10 @@ def _rank0(value):
 def replan(run: Run, state: TrainState, p: TrainParams, n_train: int, left: float, epoch_seconds: float) -> None:
     """After the second epoch (the first holds one-time costs), fit the epochs to the budget again from
     that epoch's measured time, its checkpoint included: the probe's few steps miss what a whole epoch
-    costs (resnet18 on a GPU ran 74% over its budget without this). The schedule is rebuilt for the new
-    count and set to the step reached: the warm-up is behind, and the annealing had barely begun."""
+    costs (resnet18 on a GPU ran 74% over its budget without this). Halfway through the plan it is
+    fitted once more from the mean of the epochs since the first, as one epoch can be slower or faster
+    than the rest (a run with 480 s on the hard set ended after 378). The schedule is rebuilt for the
+    new count and set to the step reached."""
     # at least one epoch more, in which the schedule anneals (rather than stop at its peak)
     epochs = state.epoch + max(1, int(left * 0.95 // epoch_seconds)) if epoch_seconds > 0 else state.epochs
     epochs = _rank0(min(epochs, 10_000))
@@ -472,7 +474,7 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
     run = build(p, data, model, device, epochs)
     state, best_weights = (Checkpointer.restore(run, ckpt) if ckpt else
                            (TrainState(epochs, planned), copy.deepcopy(run.model.state_dict())))
-    resumed, head, seconds = state.epoch, head_parameters(run.model), []
+    resumed, head, seconds, spent, halfway = state.epoch, head_parameters(run.model), [], [], 0
     log.info("training %s on %s from %s: %d train / %d val images, %d labels, %d epochs max", p.model, device,
              source, len(data.x_train), len(data.x_val), len(data.vocabulary), state.epochs)
     while state.epoch < state.epochs and not state.stopped:
@@ -495,8 +497,10 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
         if state.stopped:
             log.info("early stopping: no val mAP gain for %d epochs", p.patience)
         checkpointer.save(run, state, best_weights)
-        if p.time_budget_s and state.epoch == 2 and not resumed and state.epochs > 2:  # its checkpoint included
-            replan(run, state, p, len(data.x_train), p.time_budget_s - (time.time() - start), time.time() - t0)
+        spent.append(time.time() - t0)  # the epoch, its checkpoint included
+        if p.time_budget_s and not resumed and state.epoch in (2, halfway) and state.epochs > state.epoch:
+            replan(run, state, p, len(data.x_train), p.time_budget_s - (time.time() - start), float(np.mean(spent[1:])))
+            halfway = state.epochs // 2 if state.epoch == 2 else halfway  # once more, halfway through this plan
 
     elapsed = round(time.time() - start, 1)
     budget = ({"time_budget_s": p.time_budget_s, "planned_epochs": state.epochs,

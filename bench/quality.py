@@ -49,6 +49,8 @@ VARIANTS = {
     "aug-photos": ({}, {"augment": {"preset": "photos"}}),
     "aug-strong": ({}, {"augment": {"preset": "strong"}}),
     "photos-noflip": ({}, {"augment": {"preset": "photos", "hflip": False}}),
+    "photos-noflip-wd0.2": ({}, {"augment": {"preset": "photos", "hflip": False}, "weight_decay": 0.2}),
+    "strong-noflip": ({}, {"augment": {"preset": "strong", "hflip": False}}),
     "photos-asl": ({}, {"augment": {"preset": "photos"}, "loss": "asl"}),
     "photos-focal": ({}, {"augment": {"preset": "photos"}, "loss": "focal"}),
     "photos-ema": ({}, {"augment": {"preset": "photos"}, "ema_decay": 0.998}),

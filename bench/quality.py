@@ -37,7 +37,8 @@ from multitag.ingest import images_root, ingest
 from multitag.labels import make_labels
 from multitag.layout import Layout
 from multitag.metrics import frequency_buckets
-from multitag.models import build_model, predict_scores
+from multitag.models import build_model, load_model_file, predict_scores
+from multitag.report import read_json
 from multitag.sample_data import write_sample_data
 from multitag.train import train
 
@@ -149,7 +150,6 @@ def main() -> None:
             evaluate(params.evaluate, ws)
             manifest, y = pd.read_parquet(ws.manifest), np.load(ws.targets)
             te, tr = (manifest["split"] == "test").to_numpy(), (manifest["split"] == "train").to_numpy()
-            from multitag.models import load_model_file
             net, meta = load_model_file(ws.model)
             x_all = np.concatenate([np.load(s) for s in sorted(ws.shards.glob("*.npy"))])
             scores = predict_scores(net, x_all[te], torch.device("cpu"), tta=meta["tta"])
@@ -159,7 +159,7 @@ def main() -> None:
 
         ws = prepared({})
         manifest, y = pd.read_parquet(ws.manifest), np.load(ws.targets)
-        labels = __import__("json").loads(ws.vocabulary.read_text())["labels"]
+        labels = read_json(ws.vocabulary)["labels"]
         root = Path(images_root(base, "tags_csv"))
         paths = np.array([root / s for s in manifest["source"]], dtype=object)
         tr, te = (manifest["split"] == "train").to_numpy(), (manifest["split"] == "test").to_numpy()

@@ -500,7 +500,8 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
         spent.append(time.time() - t0)  # the epoch, its checkpoint included
         if p.time_budget_s and not resumed and state.epoch in (2, halfway) and state.epochs > state.epoch:
             replan(run, state, p, len(data.x_train), p.time_budget_s - (time.time() - start), float(np.mean(spent[1:])))
-            halfway = state.epochs // 2 if state.epoch == 2 else halfway  # once more, halfway through this plan
+            if state.epoch == 2:
+                halfway = state.epochs // 2  # once more, halfway through this plan
 
     elapsed = round(time.time() - start, 1)
     budget = ({"time_budget_s": p.time_budget_s, "planned_epochs": state.epochs,

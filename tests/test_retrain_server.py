@@ -22,8 +22,17 @@ STAGE_KEYS = {"dataset-summary", "label-statistics", "label-pairs", "training-cu
 RETRAIN_KEYS = {"inbox-batches", "retrain-summary"}  # + batch-check when a new batch arrived
 
 
-def _api(api: str, path: str, body: dict | None = None):
-    r = httpx.post(api + path, json=body or {}, timeout=30) if body is not None else httpx.get(api + path, timeout=30)
+def _api(api: str, path: str, body: dict | None = None, tries: int = 3):
+    """GET (or POST ``body``) the test's Prefect server. A read that times out is tried again: on 2
+    cores a server busy writing a training run's states and logs to SQLite can stall past 30 s."""
+    for attempt in range(tries):
+        try:
+            r = (httpx.post(api + path, json=body, timeout=30) if body is not None
+                 else httpx.get(api + path, timeout=30))
+            break
+        except httpx.TimeoutException:
+            if attempt == tries - 1:
+                raise
     r.raise_for_status()
     return r.json()
 

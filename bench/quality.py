@@ -68,6 +68,9 @@ VARIANTS = {
     "64px-photos-ema": ({"image_size": 64}, {"augment": {"preset": "photos"}, "ema_decay": 0.998}),
     "64px-photos-mldecoder": ({"image_size": 64}, {"augment": {"preset": "photos"}, "head": "mldecoder"}),
     "96px-photos": ({"image_size": 96}, {"augment": {"preset": "photos"}}),
+    "rot30": ({}, {"augment": {"rotation": 30}}),
+    "mixup0.4": ({}, {"augment": {"mixup": 0.4}}),
+    "rot30-mixup0.4": ({}, {"augment": {"rotation": 30, "mixup": 0.4}}),
     "photos-b64": ({}, {"augment": {"preset": "photos"}, "batch_size": 64, "lr": 0.006}),
 }
 

@@ -1,6 +1,7 @@
 """Augmentation on whole batches as tensors (train.augment): one affine resampling for random resized
-crop and flips, then colour jitter and cutout, each image with its own random draw. Nothing is
-decoded during training, so this is the only per-batch image work."""
+crop, rotation and flips, then colour jitter and cutout, each image with its own random draw; mixup
+(which needs the targets) in train_step. Nothing is decoded during training, so this is the only
+per-batch image work."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from multitag.config import AugmentParams
 
 
 def augment(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.Tensor:
-    """Augment a whole batch (float NCHW in [0, 1]) at once: random resized crop and flips as one
-    affine resampling, then colour jitter and cutout, each image with its own random draw."""
+    """Augment a whole batch (float NCHW in [0, 1]) at once: random resized crop, rotation and flips
+    as one affine resampling, then colour jitter and cutout, each image with its own random draw."""
     n = x.shape[0]
-    if aug.random_resized_crop or aug.hflip or aug.vflip:
+    if aug.random_resized_crop or aug.hflip or aug.vflip or aug.rotation:
         theta = torch.zeros(n, 2, 3)
         sx = sy = torch.ones(n)
         tx = ty = torch.zeros(n)
@@ -32,7 +33,10 @@ def augment(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.
             sx = sx * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
         if aug.vflip:
             sy = sy * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+        angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(aug.rotation) if aug.rotation else torch.zeros(n)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = sx * cos, -sy * sin, tx
+        theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sx * sin, sy * cos, ty
         grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
     if aug.color_jitter:
@@ -51,3 +55,11 @@ def augment(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.
         hole = ((ys - cy).abs() < half) & ((xs - cx).abs() < half)
         x = x.masked_fill(hole.unsqueeze(1).to(x.device), 0.5)
     return x
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend each image and its targets with those of another image of the batch, by one weight drawn
+    from Beta(alpha, alpha) per batch (mixup; soft multi-hot targets for the BCE-family losses)."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha else 1.0
+    partner = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    return lam * x + (1 - lam) * x[partner], lam * y + (1 - lam) * y[partner]

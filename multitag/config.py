@@ -100,8 +100,10 @@ class AugmentParams(_Section):
     vflip: bool = False
     random_resized_crop: bool = True
     crop_scale: list[float] = [0.75, 1.0]
+    rotation: float = Field(0.0, ge=0, le=180)    # degrees: each image turned by a random angle in +- this
     color_jitter: float = Field(0.0, ge=0, le=1)  # brightness, contrast and saturation factors in 1 +- this
     cutout: float = Field(0.0, ge=0, lt=1)        # side of one zeroed square, as a fraction of the image side
+    mixup: float = Field(0.0, ge=0)               # alpha of mixup (0 = off): pairs of images and their targets blended
 
     @model_validator(mode="before")
     @classmethod

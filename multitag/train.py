@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from multitag.augment import augment
+from multitag.augment import augment, mixup
 from multitag.config import Params, TrainParams
 from multitag.layout import Layout, load_split, select_device
 from multitag.losses import ModelEma, make_loss
@@ -281,6 +281,8 @@ def train_step(run: Run, xb: torch.Tensor, yb: torch.Tensor, p: TrainParams) -> 
     the forward pass under mixed precision, backward and the step; returns the loss."""
     x = augment(to_input(xb, run.device), p.augment, run.gen)
     y = yb.to(run.device, non_blocking=True)
+    if p.augment.mixup:
+        x, y = mixup(x, y, p.augment.mixup, run.gen)
     with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
         loss = run.loss_fn(run.forward(x).float(), y)
     run.optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ from multitag.config import AugmentParams, TrainParams, parse_params
 from multitag.losses import AsymmetricLoss, FocalLoss, ModelEma, make_loss, pos_weight_for
 from multitag.metrics import tune_thresholds
 from multitag.models import build_model, predict_scores
-from multitag.augment import augment
+from multitag.augment import augment, mixup
 from multitag.train import head_parameters, train
 from tests.conftest import copy_data
 from tests.test_train import _params
@@ -103,6 +103,22 @@ def test_augment_presets_and_tensor_ops():
     changed = (holed != x).any(dim=1)  # pixels set to grey, a 4x4 square per image
     assert ((holed == 0.5).all(dim=1) | ~changed).all()
     assert all(0 < c.sum() <= 16 for c in changed)
+
+
+def test_rotation_turns_images_and_mixup_blends_targets():
+    bar = torch.zeros(64, 1, 32, 32)
+    bar[:, :, 4:28, 14:18] = 1  # a vertical bar: turned, it spans more columns
+    turned = augment(bar, AugmentParams(preset="none", rotation=90), torch.Generator().manual_seed(0))
+    cols = (turned[:, 0] > 0.5).any(dim=1).sum(dim=1)
+    assert cols.min() <= 8 and cols.max() >= 20  # an angle near 0 keeps the bar narrow, one near +-90 lays it across
+    assert torch.equal(augment(bar, AugmentParams(preset="none", rotation=0), torch.Generator()), bar)
+    x, y = torch.rand(16, 3, 8, 8), torch.eye(16)
+    torch.manual_seed(0)
+    xm, ym = mixup(x, y, 0.4, torch.Generator().manual_seed(0))
+    assert xm.shape == x.shape and torch.allclose(ym.sum(dim=1), torch.ones(16))  # weights of two images
+    assert ((ym > 0).sum(dim=1) <= 2).all() and not torch.equal(ym, y)
+    with pytest.raises(Exception, match="train.augment.rotation"):
+        parse_params({"train": {"augment": {"rotation": 270}}})
 
 
 def test_frozen_backbone_trains_only_the_head(data):

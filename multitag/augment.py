@@ -59,7 +59,8 @@ def augment(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Blend each image and its targets with those of another image of the batch, by one weight drawn
-    from Beta(alpha, alpha) per batch (mixup; soft multi-hot targets for the BCE-family losses)."""
+    from Beta(alpha, alpha) per batch (mixup; soft multi-hot targets for the BCE-family losses). The
+    partners come from ``gen``, the weight from torch's global generator (both in the checkpoint)."""
     lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha else 1.0
     partner = torch.randperm(x.shape[0], generator=gen).to(x.device)
     return lam * x + (1 - lam) * x[partner], lam * y + (1 - lam) * y[partner]

@@ -24,7 +24,7 @@ RETRAIN_KEYS = {"inbox-batches", "retrain-summary"}  # + batch-check when a new 
 
 def _api(api: str, path: str, body: dict | None = None, tries: int = 3):
     """GET (or POST ``body``) the test's Prefect server. A read that times out is tried again: on 2
-    cores a server busy writing a training run's states and logs to SQLite can stall past 30 s."""
+    cores, with a training run in flight, the server once took longer than 30 s to answer."""
     for attempt in range(tries):
         try:
             r = (httpx.post(api + path, json=body, timeout=30) if body is not None

@@ -33,8 +33,10 @@ def augment(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.
             sx = sx * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
         if aug.vflip:
             sy = sy * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-        angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(aug.rotation) if aug.rotation else torch.zeros(n)
-        cos, sin = torch.cos(angle), torch.sin(angle)
+        cos, sin = torch.ones(n), torch.zeros(n)
+        if aug.rotation:
+            angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(aug.rotation)
+            cos, sin = torch.cos(angle), torch.sin(angle)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = sx * cos, -sy * sin, tx
         theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sx * sin, sy * cos, ty
         grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
@@ -61,6 +63,6 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, gen: torch.Generator) 
     """Blend each image and its targets with those of another image of the batch, by one weight drawn
     from Beta(alpha, alpha) per batch (mixup; soft multi-hot targets for the BCE-family losses). The
     partners come from ``gen``, the weight from torch's global generator (both in the checkpoint)."""
-    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha else 1.0
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
     partner = torch.randperm(x.shape[0], generator=gen).to(x.device)
     return lam * x + (1 - lam) * x[partner], lam * y + (1 - lam) * y[partner]

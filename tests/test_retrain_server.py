@@ -22,17 +22,10 @@ STAGE_KEYS = {"dataset-summary", "label-statistics", "label-pairs", "training-cu
 RETRAIN_KEYS = {"inbox-batches", "retrain-summary"}  # + batch-check when a new batch arrived
 
 
-def _api(api: str, path: str, body: dict | None = None, tries: int = 3):
-    """GET (or POST ``body``) the test's Prefect server. A read that times out is tried again: on 2
-    cores, with a training run in flight, the server once took longer than 30 s to answer."""
-    for attempt in range(tries):
-        try:
-            r = (httpx.post(api + path, json=body, timeout=30) if body is not None
-                 else httpx.get(api + path, timeout=30))
-            break
-        except httpx.TimeoutException:
-            if attempt == tries - 1:
-                raise
+def _api(api: str, path: str, body: dict | None = None):
+    """GET (or POST ``body``) the test's Prefect server; on 2 cores, with a training run in flight,
+    it once took longer than 30 s to answer, hence the long read timeout."""
+    r = httpx.post(api + path, json=body, timeout=90) if body is not None else httpx.get(api + path, timeout=90)
     r.raise_for_status()
     return r.json()
 

@@ -1,4 +1,5 @@
 import csv
+import hashlib
 
 import numpy as np
 from PIL import Image
@@ -34,3 +35,41 @@ def test_sample_images_and_annotations(tmp_path):
     again = write_sample_data(SampleParams(n_images=60, empty_fraction=0.2, seed=3), tmp_path / "again")
     assert (tmp_path / "again" / "annotations.csv").read_text() == (tmp_path / "annotations.csv").read_text()
     assert again.empty == result.empty
+
+
+def test_hard_preset_is_deterministic_long_tailed_and_drops_tags_only_in_train(tmp_path):
+    from multitag.hard_data import LABELS, draw_labels, frequencies
+    from multitag.layout import split_for
+
+    freq = frequencies()
+    assert len(freq) >= 16 and max(freq.values()) > 0.5 and min(freq.values()) < 0.02
+    # the drawn labels follow the specified long tail (with the dependent pairs' extra share)
+    rng = np.random.default_rng(0)
+    draws = [draw_labels(rng, freq) for _ in range(20000)]
+    share = {label: sum(label in d for d in draws) / len(draws) for label in LABELS}
+    for label in LABELS:
+        assert share[label] >= freq[label] * 0.85
+    assert share["digit_6"] < 0.02 and share["circle"] > 0.5  # the rarest and the most frequent
+    assert share["cross"] > freq["cross"] * 1.5  # a cross usually comes with a star
+
+    p = SampleParams(preset="hard", n_images=80, image_size=96, missing_tags=0.5, seed=5)
+    write_sample_data(p, tmp_path / "a")
+    write_sample_data(p, tmp_path / "b")
+    for name in ("annotations.csv", "annotations_clean.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with open(tmp_path / "a" / "annotations.csv", newline="") as f:
+        given = {r["image_name"]: r["tags"].split() for r in csv.DictReader(f)}
+    with open(tmp_path / "a" / "annotations_clean.csv", newline="") as f:
+        clean = {r["image_name"]: r["tags"].split() for r in csv.DictReader(f)}
+    assert given.keys() == clean.keys() and len(given) == 80
+    dropped = 0
+    for name, tags in clean.items():
+        data = (tmp_path / "a" / "images" / name).read_bytes()
+        assert data == (tmp_path / "b" / "images" / name).read_bytes()
+        img = Image.open(tmp_path / "a" / "images" / name)
+        assert img.format == "JPEG" and img.size == (96, 96) and set(tags) <= set(LABELS)
+        assert set(given[name]) <= set(tags)
+        if split_for(hashlib.sha256(data).hexdigest(), 0.15, 0.2) != "train":
+            assert given[name] == tags  # validation and test keep every tag
+        dropped += len(tags) - len(given[name])
+    assert dropped > 0

@@ -1,7 +1,7 @@
 """Recipes compared on the hard data set at the same wall-clock training budget.
 
     .venv/bin/python bench/quality.py --images 4000 --budget 240
-    .venv/bin/python bench/quality.py --data sample          # the built-in digits instead
+    .venv/bin/python bench/quality.py --data sample --params params.yaml   # the built-in digits, the demo's settings
     .venv/bin/python bench/quality.py --repeats 3            # every row with 3 seeds: mean and each run
 
 Each row trains for the same number of seconds (multitag rows through train.time_budget_s, which
@@ -11,8 +11,9 @@ same train split and is scored on the same test split with the same metric code:
 - seed@N: what the tutorials this project grew from write by hand: the Keras-style CNN
   (`simple_cnn`), BCE, Adam 1e-3, batch 32, a fixed 0.5 threshold, every image decoded and resized
   with PIL in the training loop, at N px (the rows try several sizes: the best is the one to beat);
-- the shipped default (params.yaml's train section at its ingest.image_size), then the rows given
-  by --rows: named variants of it (augmentation presets, image size, loss, EMA, head).
+- the shipped default (multitag/config.py's defaults; with --params, that file's train section at its
+  ingest.image_size), then the rows given by --rows: named variants of it (augmentation presets,
+  image size, loss, EMA, head).
 
 Prints a table (test mAP, micro-F1, macro-F1, mAP of the head/medium/tail thirds of the labels by
 training frequency, the AP of the five rarest labels) and, last, the ratios against the best seed.
@@ -31,7 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from multitag.config import SampleParams, load_params
+from multitag.config import SampleParams, load_params, parse_params
 from multitag.evaluate import evaluate, score_split
 from multitag.ingest import images_root, ingest
 from multitag.labels import make_labels
@@ -42,11 +43,12 @@ from multitag.report import read_json
 from multitag.sample_data import write_sample_data
 from multitag.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # Named variants of the shipped default: (ingest changes, train changes).
 VARIANTS = {
     "aug-none": ({}, {"augment": {"preset": "none"}}),
+    "aug-digits": ({}, {"augment": {"preset": "digits"}}),
+    "aug-light": ({}, {"augment": {"preset": "light"}}),
     "aug-photos": ({}, {"augment": {"preset": "photos"}}),
     "aug-strong": ({}, {"augment": {"preset": "strong"}}),
     "photos-noflip": ({}, {"augment": {"preset": "photos", "hflip": False}}),
@@ -122,9 +124,10 @@ def main() -> None:
                     help=f"variants of the default to run, from {', '.join(VARIANTS)}")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of every row, seeds train.seed + 0..repeats-1; the table shows their mean")
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--params", help="a params.yaml whose settings make the default row (default: the shipped "
+                    "defaults, multitag/config.py; the demo's are params.yaml's)")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params) if args.params else parse_params({})
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -5,8 +5,10 @@ tell training recipes apart, as users' photos do, and built offline from what in
   tail: label k appears in about ``p_top / (k + 1) ** tail`` of the images (the most frequent in
   ~60%, the rarest in under 2%), and a few pairs depend on each other (a star usually comes with a
   cross; a ring with a circle; 1 with 7), as labels of real data do.
-- Objects at varied scale (12-52 px on a 128 px image), rotation (+-40 degrees) and position, free to
-  overlap and to run off the edge, some partly hidden by a patch of background laid over them.
+- Objects at varied scale (24-64 px on a 128 px image; 12-52 px before 2026-11-26, when a small digit
+  was 3 px at the 32 px the default trains at, too small for any recipe to read), rotation (+-40
+  degrees) and position, free to overlap and to run off the edge, some partly hidden by a patch of
+  background laid over them.
 - Backgrounds: random crops of scikit-learn's two sample photographs, rescaled, flipped and
   recoloured; every image JPEG-compressed (quality 60-90).
 - Missing tags: in the images the content-hash split puts in train, each positive tag is dropped
@@ -100,7 +102,7 @@ def draw_labels(rng: np.random.Generator, freq: dict[str, float]) -> list[str]:
 def compose(rng: np.random.Generator, labels: list[str], glyphs, targets, photos, size: int) -> Image.Image:
     img = _background(rng, photos, size)
     for label in rng.permutation(labels):
-        s = int(rng.integers(size * 3 // 32, size * 13 // 32))
+        s = int(rng.integers(size * 6 // 32, size * 16 // 32))
         if label.startswith("digit_"):
             choices = np.flatnonzero(targets == int(label[-1]))
             mask = _digit_mask(glyphs, int(rng.choice(choices)), s)

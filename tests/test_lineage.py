@@ -52,7 +52,7 @@ def photos(tmp_path_factory):
 def own_params(photos, **sections) -> dict:
     return tiny_params(ingest={"annotations": str(photos["data"] / "labels.csv"),
                                "images": str(photos["data"] / "images")},
-                       retrain={"min_new_images": 10}, **sections)
+                       retrain={"min_new_images": 10}, train={"augment": {"preset": "light"}}, **sections)
 
 
 def _files(folder):

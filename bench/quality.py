@@ -43,7 +43,6 @@ from multitag.report import read_json
 from multitag.sample_data import write_sample_data
 from multitag.train import train
 
-
 # Named variants of the shipped default: (ingest changes, train changes).
 VARIANTS = {
     "aug-none": ({}, {"augment": {"preset": "none"}}),

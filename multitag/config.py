@@ -83,12 +83,12 @@ class LabelsParams(_Section):
 
 
 # Augmentation presets for train.augment.preset; keys given beside the preset override it.
+_LIGHT = {"hflip": True, "vflip": False, "random_resized_crop": True, "crop_scale": [0.75, 1.0],
+          "color_jitter": 0.0, "cutout": 0.0}  # the default: mirror and mild crops (bench/RESULTS.md)
 AUGMENT_PRESETS = {
     "none": {"hflip": False, "vflip": False, "random_resized_crop": False, "color_jitter": 0.0, "cutout": 0.0},
-    "light": {"hflip": True, "vflip": False, "random_resized_crop": True, "crop_scale": [0.75, 1.0],
-              "color_jitter": 0.0, "cutout": 0.0},  # the default: mirror and mild crops (bench/RESULTS.md)
-    "digits": {"hflip": False, "vflip": False, "random_resized_crop": True, "crop_scale": [0.75, 1.0],
-               "color_jitter": 0.0, "cutout": 0.0},  # light without the mirror: a mirrored digit is another glyph
+    "light": _LIGHT,
+    "digits": {**_LIGHT, "hflip": False},  # light without the mirror: a mirrored digit is another glyph
     "photos": {"hflip": True, "vflip": False, "random_resized_crop": True, "crop_scale": [0.5, 1.0],
                "color_jitter": 0.2, "cutout": 0.0},
     "strong": {"hflip": True, "vflip": False, "random_resized_crop": True, "crop_scale": [0.35, 1.0],

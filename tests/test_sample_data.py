@@ -5,6 +5,7 @@ import numpy as np
 from PIL import Image
 
 from multitag.config import SampleParams
+from multitag.report import read_csv_rows
 from multitag.sample_data import GAP, _place_boxes, write_sample_data
 
 
@@ -57,10 +58,8 @@ def test_hard_preset_is_deterministic_long_tailed_and_drops_tags_only_in_train(t
     write_sample_data(p, tmp_path / "b")
     for name in ("annotations.csv", "annotations_clean.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    with open(tmp_path / "a" / "annotations.csv", newline="") as f:
-        given = {r["image_name"]: r["tags"].split() for r in csv.DictReader(f)}
-    with open(tmp_path / "a" / "annotations_clean.csv", newline="") as f:
-        clean = {r["image_name"]: r["tags"].split() for r in csv.DictReader(f)}
+    given, clean = ({r["image_name"]: r["tags"].split() for r in read_csv_rows(tmp_path / "a" / name)}
+                    for name in ("annotations.csv", "annotations_clean.csv"))
     assert given.keys() == clean.keys() and len(given) == 80
     dropped = 0
     for name, tags in clean.items():

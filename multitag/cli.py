@@ -211,9 +211,9 @@ def suggest(
                              f"{next(iter(errors.items()))}")
         images = np.stack(arrays)
         table = rank(names, images, predictor.scores(images), predictor.thresholds, predictor.labels, n, diversity)
+        skeleton = write_batch_skeleton(table, source_.read, batch) if batch else None  # first: it may refuse
         out.mkdir(parents=True, exist_ok=True)
         write_suggestions(table, dict(zip(names, images)), out)
-        skeleton = write_batch_skeleton(table, source_.read, batch) if batch else None
     except EXPECTED as err:
         _fail(err)
     for name, error in list(errors.items())[:5]:

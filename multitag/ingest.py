@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _BAD_TAG = re.compile(r"[\x00-\x1f\x7f,;|]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+UNFILLED = "?"  # the tag cell of an image still to be annotated (multitag suggest --batch writes it)
 
 
 def _check_rejections(p: IngestParams, total: int, issues: list, records: list[Record], report: Path) -> None:
@@ -67,6 +68,9 @@ def check_tags(record: Record, fmt: str, p: IngestParams) -> tuple[str, ...]:
     if record.error:
         raise RecordError(record.error)
     tags = tuple(sorted(set(record.tags)))
+    if UNFILLED in tags:
+        raise RecordError(f"not annotated yet: its tags still hold {UNFILLED!r} (a `multitag suggest --batch` "
+                          "skeleton); write the image's labels, or leave the cell empty if it has none")
     for t in tags:
         bad = (_BAD_TAG if fmt == "tags_csv" else _CONTROL).search(t)
         if bad:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from multitag.ingest import UNFILLED
 from multitag.report import contact_sheet, write_csv
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,18 @@ def write_suggestions(table: pd.DataFrame, images: dict[str, np.ndarray], out: P
 
 
 def write_batch_skeleton(table: pd.DataFrame, read, dest: Path) -> Path:
-    """The chosen images and a labels.csv whose tags a person fills in: ready for `multitag inbox add`."""
+    """The chosen images and a labels.csv whose tag cells hold ``?`` until a person writes the labels:
+    then it is ready for `multitag inbox add`, which rejects the rows still holding ``?`` (an image
+    nobody annotated must not enter training as one with no labels)."""
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty: choose a new folder for the batch")
-    (dest / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
+    files: dict[str, str] = {}  # file in the batch -> image; sub/a.jpg becomes sub__a.jpg
     for name in table["image"]:
-        flat = name.replace("/", "__")
-        (dest / "images" / flat).write_bytes(read(name))
-        rows.append((flat, ""))
-    return write_csv(dest / "labels.csv", ["image_name", "tags"], rows)
+        file = name.replace("/", "__")
+        if file in files:
+            raise ValueError(f"{files[file]} and {name} would both be images/{file} in the batch: rename one of them")
+        files[file] = name
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    for file, name in files.items():
+        (dest / "images" / file).write_bytes(read(name))
+    return write_csv(dest / "labels.csv", ["image_name", "tags"], ((file, UNFILLED) for file in files))

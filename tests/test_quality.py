@@ -20,7 +20,7 @@ from multitag.registry import Registry
 from multitag.report import read_csv_rows
 from multitag.review import WEAK_MODELS, review
 from multitag.storage import LocalStore
-from multitag.suggest import pick, uncertainty
+from multitag.suggest import pick, uncertainty, write_batch_skeleton
 from tests.conftest import BIN, run, tiny_params
 
 
@@ -114,8 +114,20 @@ def test_suggest_ranks_an_unlabelled_folder_and_writes_a_batch_to_fill(tmp_path)
     assert [r["rank"] for r in ranked] == ["1", "2", "3", "4", "5"] and (tmp_path / "sugg/suggestions.png").exists()
     assert float(ranked[0]["uncertainty"]) >= max(float(r["uncertainty"]) for r in ranked[1:]) - 0.5
     skeleton = read_csv_rows(tmp_path / "to-label/labels.csv")
-    assert len(skeleton) == 5 and all(r["tags"] == "" for r in skeleton)
+    assert len(skeleton) == 5 and all(r["tags"] == "?" for r in skeleton)
     assert len(list((tmp_path / "to-label/images").iterdir())) == 5
+    # Added before anyone fills it in, the skeleton is refused: its images are not "no labels".
+    unfilled = run([str(BIN / "multitag"), "inbox", "add", "to-label"], tmp_path, check=False)
+    assert unfilled.returncode == 1 and "all 5 record(s) rejected" in unfilled.stderr
+    assert "not annotated yet" in unfilled.stderr and not (tmp_path / "inbox").exists()
+    (tmp_path / "to-label/labels.csv").write_text("image_name,tags\n" + "".join(
+        f"{r['image_name']},{tags}\n" for r, tags in zip(skeleton, ["a", "a b", "", "b", "?"])))
+    added = run([str(BIN / "multitag"), "inbox", "add", "to-label"], tmp_path)
+    assert "4 image(s) added" in added.stdout and "1 record(s) will be rejected" in added.stdout
+    assert f"{skeleton[4]['image_name']}) will be rejected: not annotated yet" in added.stderr
+    with pytest.raises(ValueError, match="sub/a.png and sub__a.png would both be images/sub__a.png"):
+        write_batch_skeleton(pd.DataFrame({"image": ["sub/a.png", "sub__a.png"]}), bytes, tmp_path / "clash")
+    assert not (tmp_path / "clash").exists()
     (tmp_path / "empty").mkdir()
     empty = run([str(BIN / "multitag"), "suggest", "empty", "--model", "m.pt"], tmp_path, check=False)
     assert empty.returncode == 1 and "no image files in empty" in empty.stderr

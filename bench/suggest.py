@@ -1,14 +1,15 @@
 """Annotation suggestions against a random pick: which 300 images should be labelled next?
 
-    .venv/bin/python bench/suggest.py --start 300 --add 300 --seeds 0,1,2 [--epochs 40] [--repeats 2]
+    .venv/bin/python bench/suggest.py --start 300 --add 300 --seeds 0,1,2 [--epochs 40] [--repeats 2] [--start-epochs 120]
 
 From the built-in sample data, a model is trained on ``--start`` labelled images; from the rest of
 the train split (the pool, labels hidden), ``--add`` more are chosen by `multitag suggest`'s ranking
 (uncertainty around the tuned thresholds, near-duplicates kept apart) and, as the baseline, at
 random; a model is trained on each enlarged set and scored on the same test split. Repeated per
 seed (the seed picks the starting images and the random ones); with --repeats each enlarged set
-trains that many models (train.seed + 0, 1, ...) and counts their mean. Prints test mAP per seed
-and the difference suggested - random last.
+trains that many models (train.seed + 0, 1, ...) and counts their mean; with --start-epochs the
+starting model (the one that ranks) trains that many epochs, without early stopping, so that it is
+not at chance level. Prints test mAP per seed and the difference suggested - random last.
 """
 
 from __future__ import annotations
@@ -59,10 +60,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="train.epochs for every model (default: params.yaml's)")
     ap.add_argument("--repeats", type=int, default=1, help="models trained per arm (seeds train.seed + 0..repeats-1): "
                     "their mean test mAP, so that one unlucky training run does not decide")
+    ap.add_argument("--start-epochs", type=int, help="epochs of the starting model, no early stopping (default: as --epochs)")
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
     if args.epochs:
         params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": args.epochs})})
+    start_params = params.train  # the starting model's; --start-epochs: run to the end, no early stopping
+    if args.start_epochs:
+        start_params = start_params.model_copy(update={"epochs": args.start_epochs, "patience": args.start_epochs})
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -80,7 +85,7 @@ def main() -> None:
             start = np.zeros(len(manifest), bool)
             start[rng.choice(train_rows, args.start, replace=False)] = True
             base = subset(full, tmp / f"base{seed}", start)
-            train(params.train, base)
+            train(start_params, base)
             evaluate(params.evaluate, base)
             model, meta = load_model_file(base.model)
             pool = np.flatnonzero((manifest["split"] == "train").to_numpy() & ~start)
@@ -102,7 +107,8 @@ def main() -> None:
             print(f"  seed {seed}: {results[-1]}", flush=True)
     table = pd.DataFrame(results)
     print(f"sample data, {args.images} images; {args.start} labelled + {args.add} chosen from the pool; "
-          f"params.yaml's recipe, {params.train.epochs} epochs; test mAP (mean of {args.repeats} models per arm)")
+          f"params.yaml's recipe, {params.train.epochs} epochs"
+          f"{f' (the starting model {args.start_epochs})' if args.start_epochs else ''}; test mAP (mean of {args.repeats} models per arm)")
     print(table.to_string(index=False, float_format="{:.4f}".format))
     diff = table["suggested"] - table["random"]
     print(f"ratio: suggested - random = {', '.join(f'{100 * d:+.2f}' for d in diff)} mAP points per seed "

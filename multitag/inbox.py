@@ -325,7 +325,12 @@ def review_batch(layout: Layout, images_root: str, dest: Path) -> int:
     (edit that column to correct it). Returns the number of images."""
     if not layout.label_issues.exists():
         raise FileNotFoundError(f"{layout.label_issues} not found: run the review stage first (review.enabled: true)")
-    accepted = [r for r in read_csv_rows(layout.label_issues) if r["accept"].strip().lower() in ACCEPTED]
+    rows = read_csv_rows(layout.label_issues)
+    missing = [c for c in ("image", "sha256", "suggested", "accept") if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{layout.label_issues}: no column {missing} (it has {list(rows[0])}); a spreadsheet may have "
+                         "saved it with another delimiter: save it comma-separated")
+    accepted = [r for r in rows if (r["accept"] or "").strip().lower() in ACCEPTED]
     if not accepted:
         raise ValueError(f"no row of {layout.label_issues} is accepted: write yes in the accept column of the rows "
                          "whose suggested labels are right (edit suggested to correct them)")

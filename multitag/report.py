@@ -34,8 +34,12 @@ def read_json(path: str | Path):
 
 
 def read_csv_rows(path: str | Path) -> list[dict]:
-    with Path(path).open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    """A CSV's rows as dicts; a byte-order mark (a spreadsheet's "CSV UTF-8") is not part of the header."""
+    try:
+        with Path(path).open(newline="", encoding="utf-8-sig") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason}); re-save the file as UTF-8") from None
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:

@@ -55,7 +55,15 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
         review_batch(data, str(images), tmp_path / "batch")
     table = pd.read_csv(data.label_issues, dtype=str, keep_default_na=False)
     table.loc[:1, "accept"] = "yes"  # a person accepts the two worst suggestions
-    table.to_csv(data.label_issues, index=False)
+    table.to_csv(data.label_issues, index=False, sep=";")  # a spreadsheet in a locale that separates with ;
+    with pytest.raises(ValueError, match="no column .*another delimiter: save it comma-separated"):
+        review_batch(data, str(images), tmp_path / "batch")
+    table.to_csv(data.label_issues, index=False, encoding="cp1252")  # a spreadsheet's own "CSV"
+    with data.label_issues.open("ab") as f:
+        f.write(b"caf\xe9.png,,,,\n")  # and a name written in its code page
+    with pytest.raises(ValueError, match="label_issues.csv: not UTF-8 text .* re-save the file as UTF-8"):
+        review_batch(data, str(images), tmp_path / "batch")
+    table.to_csv(data.label_issues, index=False, encoding="utf-8-sig")  # "CSV UTF-8": with a byte-order mark
     original = (images / rows[0]["image"]).read_bytes()
     (images / rows[0]["image"]).write_bytes(original + b"edited")
     with pytest.raises(ValueError, match=f"{rows[0]['image']} changed since the review"):

@@ -1,4 +1,3 @@
-import csv
 import hashlib
 
 import numpy as np
@@ -23,8 +22,7 @@ def test_boxes_never_overlap():
 
 def test_sample_images_and_annotations(tmp_path):
     result = write_sample_data(SampleParams(n_images=60, empty_fraction=0.2, seed=3), tmp_path)
-    with open(result.annotations, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv_rows(result.annotations)
     assert len(rows) == 60 and list(rows[0]) == ["image_name", "tags"]
     assert result.empty == sum(r["tags"] == "" for r in rows) > 0  # valid negatives exist
     for r in rows:

@@ -41,8 +41,7 @@ def read(mode: str, path: str) -> dict:
     """Runs in a fresh process: the annotation phase of ingest, by ``mode``."""
     from multitag.config import IngestParams
     from multitag.errors import RecordError
-    from multitag.formats import read_records, read_tags_csv
-    from multitag.ingest import check_tags
+    from multitag.formats import check_tags, read_records, read_tags_csv
 
     p = IngestParams(annotations=path, images="", max_rejected_fraction=1.0)
     start = time.perf_counter()

@@ -20,14 +20,12 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
 from multitag.config import load_params
 from multitag.drift import check_batch
-from multitag.layout import STAGE_MODULES, Layout
-from multitag.lineage import IMAGES
+from multitag.layout import RAW_IMAGES, STAGE_MODULES, Layout
 from multitag.sample_data import write_sample_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +53,7 @@ def main() -> None:
                                 tmp / "new")
         table = pd.read_csv(new.annotations, keep_default_na=False)
         table["labels"] = table["tags"].str.split()
-        raw = tmp / params.retrain.raw / IMAGES
+        raw = tmp / params.retrain.raw / RAW_IMAGES
         raw.mkdir(parents=True)
         for name in table["image_name"]:
             image = Image.open(tmp / "new/images" / name).convert("RGB")

@@ -34,7 +34,8 @@ from torch import nn
 
 from multitag.config import SampleParams, load_params, parse_params
 from multitag.evaluate import evaluate, score_split
-from multitag.ingest import images_root, ingest
+from multitag.formats import images_root
+from multitag.ingest import ingest
 from multitag.labels import make_labels
 from multitag.layout import Layout
 from multitag.metrics import frequency_buckets

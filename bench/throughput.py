@@ -26,14 +26,15 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-
 from shapes import make_shapes  # bench/shapes.py (this script's folder is on sys.path)
+
 from multitag.config import load_params
+from multitag.dataset import load_split
 from multitag.ingest import ingest
 from multitag.labels import make_labels
+from multitag.layout import Layout
 from multitag.losses import make_loss
 from multitag.models import build_model
-from multitag.layout import Layout, load_split
 from multitag.train import Run, TrainData, make_optimizer, make_scheduler, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]

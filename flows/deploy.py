@@ -81,3 +81,26 @@ def serve(workdir: Path, interval: float | None = None, name: str = DEPLOYMENT) 
     schedule, _ = _schedule(workdir, interval)
     retrain.serve(name=name, schedules=[schedule], global_limit=ONE_AT_A_TIME, limit=1, paused=False,
                   parameters={"workdir": str(workdir)}, tags=["multitag"])
+
+
+def deploy_workspace(workdir: Path, pool_type: str = "process", interval: float | None = None, name: str = DEPLOYMENT,
+                     image: str | None = None, repository: str | None = None, pool: str = "multitag-gpu",
+                     gpus: int = 1) -> str:
+    """`multitag deploy`: the deployments of ``pool_type`` (process: `retrain` on this machine's work
+    pool; kubernetes: `retrain` and `training-pipeline` on GPU pods). Returns what to tell the user."""
+    if pool_type == "kubernetes":
+        if not image or not repository:
+            raise ValueError("--pool-type kubernetes needs --image (built from infra/Dockerfile) and --repository "
+                             "(the workspace's git URL)")
+        ids = deploy_kubernetes(workdir, repository, image, pool, gpus, interval)
+        return (f"deployments retrain/retrain-gpu and training-pipeline/training-pipeline-gpu ({', '.join(ids)}) "
+                f"on Kubernetes work pool {pool!r}; start its worker in the cluster: prefect worker start "
+                f"--pool {pool} --type kubernetes")
+    if pool_type != "process":
+        raise ValueError(f"--pool-type: unknown {pool_type!r}; choose process or kubernetes")
+    deployment = deploy(workdir, interval, name)
+    p = load_params(workdir / "params.yaml").retrain
+    return (f"deployment retrain/{name} ({deployment}) on work pool {p.work_pool!r}, "
+            + (f"every {interval:g} s" if interval else f"cron {p.cron!r} {p.timezone}")
+            + f"; start a worker with: multitag worker --workdir {workdir}; run it now (the worker picks it up): "
+            f"prefect deployment run retrain/{name}")

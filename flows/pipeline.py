@@ -17,12 +17,15 @@ from tasks.dvc import push
 from tasks.stages import stage_task
 
 
-def _run_name() -> str:
-    workdir = Path(flow_run.parameters.get("workdir", ".")).resolve().name
-    return f"train-{workdir}-{datetime.now():%Y%m%d-%H%M%S}"
+def run_name(kind: str):
+    """A flow's run name: ``<kind>-<workspace folder>-<local time>``."""
+    def name() -> str:
+        workdir = Path(flow_run.parameters.get("workdir", ".")).resolve().name
+        return f"{kind}-{workdir}-{datetime.now():%Y%m%d-%H%M%S}"
+    return name
 
 
-@flow(name="training-pipeline", flow_run_name=_run_name)
+@flow(name="training-pipeline", flow_run_name=run_name("train"))
 def training_pipeline(workdir: str = ".") -> dict:
     """Run every stage in the DVC workspace ``workdir``, then push to the DVC remote if one is set;
     returns a summary of the run."""

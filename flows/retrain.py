@@ -10,28 +10,22 @@ deploy`), with a concurrency limit of 1; a workspace lock also keeps hand-starte
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
 from prefect.states import Completed
 
-from flows.pipeline import training_pipeline
+from flows.pipeline import run_name, training_pipeline
+from flows.retrain_steps import commit_message, commit_paths, dvc_hash, load_state, plan, retrain_lock, save_state
 from multitag.config import load_params
-from multitag.inbox import take_in
-from multitag.layout import Layout
 from multitag.drift import check_batch, record
-from multitag.lineage import (ORIGIN, RawData, commit_message, commit_paths, dvc_hash, load_state, origin_of, plan,
-                              retrain_lock, save_state, update_lineage)
-from multitag.report import markdown_table
+from multitag.inbox import take_in
+from multitag.layout import ORIGIN, Layout
+from multitag.lineage import origin_of, update_lineage
+from multitag.rawdata import RawData
 from tasks.dvc import dvc_add, push, retry_transient_only
-
-
-def _run_name() -> str:
-    workdir = Path(flow_run.parameters.get("workdir", ".")).resolve().name
-    return f"retrain-{workdir}-{datetime.now():%Y%m%d-%H%M%S}"
+from tasks.stages import batch_check_markdown, inbox_markdown, retrain_markdown
 
 
 @task(name="take-in-batches", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient_only)
@@ -39,24 +33,7 @@ def take_in_batches(workdir: str) -> dict:
     """Apply complete inbox batches to the raw data; archive them, or reject unusable ones."""
     ws = Layout(workdir)
     intake = take_in(load_params(ws.params), ws)
-    md = f"## Inbox\n\n{len(intake['applied'])} batch(es) taken in, {len(intake['rejected'])} rejected\n\n"
-    if intake["applied"]:
-        md += markdown_table([(e["batch"], e["records"], e["added"], len(e["relabelled"]), e["duplicates"],
-                               len(e["rejected"]), ", ".join(e["new_labels"]) or "-") for e in intake["applied"]],
-                             ["batch", "records", "images added", "relabelled", "duplicates", "records rejected",
-                              "labels new to the raw data"])
-    problems = [(e["batch"], r["record"], f"`{r['image']}`", r["reason"]) for e in intake["applied"] for r in e["rejected"]]
-    if problems:
-        md += "\n### Rejected records\n\n" + markdown_table(problems[:50], ["batch", "record", "image", "reason"])
-    relabelled = [(e["batch"], f"`{r['image']}`", " ".join(r["before"]), " ".join(r["after"]))
-                  for e in intake["applied"] for r in e["relabelled"]]
-    if relabelled:
-        md += "\n### Labels changed for known images\n\n" + markdown_table(relabelled[:50],
-                                                                            ["batch", "image", "before", "after"])
-    if intake["rejected"]:
-        md += "\n### Rejected batches\n\n" + markdown_table([(r["batch"], r["reason"]) for r in intake["rejected"]],
-                                                             ["batch", "reason"])
-    create_markdown_artifact(key="inbox-batches", markdown=md, description="retrain: batches taken in from the inbox")
+    create_markdown_artifact(key="inbox-batches", markdown=inbox_markdown(intake), description="retrain: batches taken in from the inbox")
     return intake
 
 
@@ -70,15 +47,8 @@ def check_batches(workdir: str, batches: list[str]):
     ledger = {e["batch"]: e for e in RawData(ws.root / params.retrain.raw).ledger()}
     checks = [check_batch(params, ws, ledger[name]) for name in batches]
     record(ws, params, checks)
-    rows = [(c["batch"], c["images"], c.get("champion", "-"), c.get("batch_map", "-"), c.get("test_map", "-"),
-             c.get("drop", "-"), c.get("batch_micro_f1", "-"), " ".join(c.get("new_labels", [])) or "-",
-             ", ".join(f"{s['label']} {s['change']:+.2f}" for s in c.get("largest_shifts", [])) or "-",
-             "**FLAGGED**" if c.get("flagged") else c.get("reason", "ok")) for c in checks]
-    create_markdown_artifact(
-        key="batch-check", description="the champion on each new batch, before retraining",
-        markdown="## The champion on the new batches\n\n" + markdown_table(rows, [
-            "batch", "images", "champion", "mAP on the batch", "test mAP", "drop", "micro-F1 on the batch",
-            "labels new to it", "largest label shifts vs its training data", "verdict"]))
+    create_markdown_artifact(key="batch-check", markdown=batch_check_markdown(checks),
+                             description="the champion on each new batch, before retraining")
     flagged = [c["batch"] for c in checks if c.get("flagged")]
     if flagged:
         message = (f"batch(es) {', '.join(flagged)}: the champion's mAP there is more than retrain.alert_drop below "
@@ -96,7 +66,7 @@ def commit(workdir: str, raw: str, message: str) -> str | None:
     return sha
 
 
-@flow(name="retrain", flow_run_name=_run_name)
+@flow(name="retrain", flow_run_name=run_name("retrain"))
 def retrain(workdir: str = ".", force: bool = False) -> dict:
     """Take in new batches and retrain when at least retrain.min_new_images arrived (or ``force``)."""
     logger = get_run_logger()
@@ -130,27 +100,6 @@ def retrain(workdir: str = ".", force: bool = False) -> dict:
                    **{k: decision[k] for k in ("new_images", "new_labels", "labels", "reason", "init_from", "champion")},
                    "trained": result is not None, "pipeline": result, "git_commit": sha,
                    "commit_message": commit_message(decision, result)}
-        create_markdown_artifact(key="retrain-summary", markdown=summary_markdown(summary),
+        create_markdown_artifact(key="retrain-summary", markdown=retrain_markdown(summary),
                                  description="retrain: what arrived, what was trained, what was promoted")
         return summary
-
-
-def summary_markdown(s: dict) -> str:
-    """The retrain-summary artifact: the same facts as the commit message, in a table."""
-    rows = [("batches taken in", ", ".join(s["batches_taken_in"]) or "none"),
-            ("batches rejected", ", ".join(s["batches_rejected"]) or "none"),
-            ("new or relabelled images", s["new_images"]),
-            ("labels", f"{s['labels']} ({len(s['new_labels'])} new to the champion: {', '.join(s['new_labels'][:20])})"
-             if s["new_labels"] else f"{s['labels']} (none new to the champion)"),
-            ("decision", s["reason"])]
-    r = s["pipeline"]
-    if r:
-        champ = r.get("champion_map")
-        change = (f" (champion v{r['previous_champion']} on the same test set: {champ:.4f}, change "
-                  f"{r['compared_map'] - champ:+.4f})" if champ is not None else "")
-        rows += [("test mAP", f"{r['test_map']:.4f}{change}"), ("micro-F1", r["micro_f1"]),
-                 ("macro-F1", r["macro_f1"]), ("Hamming loss", r["hamming_loss"]),
-                 ("registered", f"v{r['version']}" + ("" if r["new_version"] else " (already registered)")),
-                 ("promoted", f"{'yes' if r['champion'] else 'no'}: {r['reason']}")]
-    rows += [("git commit", s["git_commit"] or "none"), ("commit message", s["commit_message"])]
-    return "## Retrain\n\n" + markdown_table(rows, ["", ""])

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from multitag.config import Params
-from multitag.layout import Layout, load_split, read_manifest, select_device
+from multitag.dataset import load_split, select_device
+from multitag.layout import Layout, read_manifest
 from multitag.metrics import per_label_ap
 from multitag.models import load_model_file, load_registered, predict_scores, weights_digest
-from multitag.registry import Comparison, Registry, git_commit
+from multitag.registry import Comparison, Registry, git_commit, open_registry
 from multitag.report import read_csv_rows, read_json, write_json
 from multitag.serving import export_onnx
-from multitag.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def register_model(params: Params, layout: Layout) -> dict:
     """Register models/model.pt with its metrics, thresholds, params, data and code version.
     Writes and returns reports/registration.json (the same for the same model and registry state:
     the store as configured, no timestamps)."""
-    registry = Registry(open_store(params.store.uri, layout.root), params.register.name)
+    registry = open_registry(params, layout.root)
     metrics = read_json(layout.metrics)
     thresholds = read_json(layout.thresholds)
     ingest_summary = read_json(layout.ingest_summary)

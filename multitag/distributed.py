@@ -18,6 +18,8 @@ images.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -32,9 +34,43 @@ JOB_PORT = 29500
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 OUTPUTS = ["models/model.pt", "reports/train.json", "reports/train_history.csv"]  # what rank 0 uploads
+UPLOAD_ENV = "MULTITAG_UPLOAD"  # set on Kubernetes training pods: where rank 0 puts its outputs
 
 
-def torchrun_command(params: Params, params_file: str, module: str = "multitag.cli") -> list[str]:
+def needs_launch(t) -> bool:
+    """Whether the train stage must start other processes (torchrun, or a Kubernetes Job) rather than
+    train here: several devices or nodes asked for, and this is not already one of torchrun's workers."""
+    return "WORLD_SIZE" not in os.environ and (t.devices > 1 or t.nodes > 1)
+
+
+def launch(params: Params, layout) -> None:
+    """The train stage on several processes: an Indexed Job on Kubernetes (train.launcher), or a
+    torchrun launch of this node, each of whose processes runs the train stage."""
+    t = params.train
+    if t.launcher == "kubernetes" and t.nodes > 1:
+        return run_on_kubernetes(params, layout)
+    code = subprocess.call(torchrun_command(params, str(layout.root)))
+    if code:
+        where = (f"; the {t.nodes} nodes must all reach {t.rdzv_endpoint} (rdzv_id {t.rdzv_id}) within "
+                 f"train.join_timeout_s ({t.join_timeout_s:g} s)") if t.nodes > 1 else ""
+        raise RuntimeError(f"train: torchrun exited with {code}{where} (its own error is above)")
+    return None
+
+
+def upload_outputs(params: Params, layout) -> None:
+    """On a Kubernetes training pod ($MULTITAG_UPLOAD set), global rank 0 puts the training outputs in
+    the store, for the train stage that submitted the Job to take."""
+    prefix = os.environ.get(UPLOAD_ENV)
+    if not prefix or os.environ.get("RANK", "0") != "0":
+        return
+    from multitag.storage import open_store
+    store = open_store(params.store.uri, layout.root)
+    for out in OUTPUTS:
+        store.put_file(f"{prefix}/{out}", layout.root / out)
+    log.info("uploaded the training outputs to %s", store.url(prefix))
+
+
+def torchrun_command(params: Params, workdir: str, module: str = "multitag.cli") -> list[str]:
     """The torchrun launch of one node of a multi-node (or multi-device) training."""
     t = params.train
     if t.nodes > 1:
@@ -46,7 +82,7 @@ def torchrun_command(params: Params, params_file: str, module: str = "multitag.c
     else:
         where = ["--standalone"]
     return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={t.devices}",
-            "-m", module, "stage", "train", "--params", params_file]
+            "-m", module, "stage", "train", "--workdir", workdir]
 
 
 def indexed_job(params: Params, name: str, files: dict[str, str], upload: str) -> tuple[dict, dict, dict]:
@@ -64,7 +100,7 @@ def indexed_job(params: Params, name: str, files: dict[str, str], upload: str) -
                         "ports": [{"name": "rendezvous", "port": JOB_PORT}]}}
     node = params.model_copy(update={"train": t.model_copy(update={
         "rdzv_endpoint": f"{name}-0.{name}.{namespace}.svc:{JOB_PORT}", "rdzv_id": name})})
-    launch = " ".join(torchrun_command(node, "params.yaml", "multitag.cli")[1:])  # python -m torch.distributed.run ...
+    launch = " ".join(torchrun_command(node, ".", "multitag.cli")[1:])  # python -m torch.distributed.run ...
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace},
                   "data": {key.replace("/", "__"): text for key, text in files.items()}}
     script = ("set -e; mkdir -p /tmp/ws/.dvc && cd /tmp/ws; "
@@ -75,7 +111,7 @@ def indexed_job(params: Params, name: str, files: dict[str, str], upload: str) -
         "ports": [{"containerPort": JOB_PORT, "name": "rendezvous"}],
         "envFrom": [{"secretRef": {"name": k.aws_secret}}],
         "env": [{"name": "DO_NOT_TRACK", "value": "1"}, {"name": "DVC_NO_ANALYTICS", "value": "1"},
-                {"name": "MULTITAG_UPLOAD", "value": upload}],
+                {"name": UPLOAD_ENV, "value": upload}],
         "resources": {"limits": {"nvidia.com/gpu": str(k.gpus)}, "requests": {"cpu": "4", "memory": "16Gi"}},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "workspace", "mountPath": "/config"}],
     }
@@ -104,7 +140,6 @@ def workspace_files(layout) -> dict[str, str]:
 def run_on_kubernetes(params: Params, layout) -> None:
     """Train on an Indexed Job of train.nodes pods: push the prepared data to the DVC remote, submit,
     follow (status and rank 0's log in this stage's log), then take rank 0's outputs from the store."""
-    import subprocess
     import uuid
 
     from kubernetes import client, config

@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from multitag.config import Params
+from multitag.dataset import select_device
 from multitag.images import decode
-from multitag.layout import Layout, select_device
-from multitag.lineage import IMAGES
+from multitag.layout import RAW_IMAGES, Layout
 from multitag.metrics import classification_metrics, per_label_ap
 from multitag.models import load_registered, predict_scores
-from multitag.registry import CHAMPION, Registry
-from multitag.storage import open_store
+from multitag.registry import CHAMPION, Registry, open_registry
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ COLUMNS = ["checked_at", "batch", "champion", "images", "batch_map", "test_map",
 def check_batch(params: Params, layout: Layout, entry: dict) -> dict:
     """The champion on the images a batch added or relabelled (ledger ``entry``), on the labels it
     knows; plus the batch's label frequencies against the champion's training data."""
-    registry = Registry(open_store(params.store.uri, layout.root), params.register.name)
+    registry = open_registry(params, layout.root)
     champion = registry.alias(CHAMPION)
     out = {"batch": entry["batch"], "images": len(entry["rows"]), "checked": False}
     if champion is None or not entry["rows"]:
@@ -47,7 +46,7 @@ def check_batch(params: Params, layout: Layout, entry: dict) -> dict:
     device = select_device("auto")
     model, meta = load_registered(registry, version, device)
     labels = meta["labels"]
-    raw = layout.root / params.retrain.raw / IMAGES
+    raw = layout.root / params.retrain.raw / RAW_IMAGES
     rows = list(entry["rows"].values())
     x = np.stack([decode((raw / r["image"]).read_bytes(), meta["image_size"], r["image"]) for r in rows])
     y = np.array([[label in r["labels"] for label in labels] for r in rows], dtype=np.uint8)

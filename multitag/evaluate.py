@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from multitag.config import EvaluateParams, Params
-from multitag.layout import Layout, load_split, select_device
+from multitag.dataset import load_split, select_device
+from multitag.layout import Layout
 from multitag.metrics import (bucket_metrics, classification_metrics, frequency_buckets, per_label_ap, pr_curve,
                               tune_thresholds)
 from multitag.models import load_model_file, predict_scores
@@ -119,7 +120,7 @@ def evaluate(p: EvaluateParams, layout: Layout) -> dict:
         "metric": p.threshold_metric, **({"min_recall": p.min_recall} if p.threshold_metric == "precision_at_recall" else {})})
     write_csv(layout.per_label, ["label", "support", "train_images", "bucket", "ap", "f1", "threshold"],
               ([label, int(y_test[:, j].sum()), int(train_counts[j]), bucket_of[j], _fmt(test_ap[j]), _fmt(test_f1[j]),
-                round(float(thresholds[j]), 4)] for j, label in enumerate(labels)))
+                round(float(thresholds[j]), 4)] for j, label in enumerate(labels)), for_people=True)
     picks = labels_that_matter(test_ap, train_counts, y_test.sum(0))
     _write_curves(y_test, s_test, labels, test_ap, picks, train_counts, layout.pr_curves, layout.pr_plot)
     t = metrics["test"]

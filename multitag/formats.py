@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Iterator
 import pandas as pd
 
 from multitag.config import IngestParams
-from multitag.errors import IngestError
+from multitag.errors import IngestError, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class Record:
 
 
 IMAGE_FIELDS = ("image", "imageGcsUri", "image_url", "path")
+_BAD_TAG = re.compile(r"[\x00-\x1f\x7f,;|]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+UNFILLED = "?"  # the tag cell of an image still to be annotated (multitag suggest --batch writes it)
 
 
 def detect_format(path: Path) -> str:
@@ -245,3 +249,32 @@ def read_records(p: IngestParams) -> tuple[str, list[Record]]:
     if not records:
         raise IngestError(f"{path}: no records")
     return fmt, records
+
+
+def check_tags(record: Record, fmt: str, p: IngestParams) -> tuple[str, ...]:
+    """The record's labels, sorted and de-duplicated, or RecordError saying what is wrong."""
+    if record.error:
+        raise RecordError(record.error)
+    tags = tuple(sorted(set(record.tags)))
+    if UNFILLED in tags:
+        raise RecordError(f"not annotated yet: its tags still hold {UNFILLED!r} (a `multitag suggest --batch` "
+                          "skeleton); write the image's labels, or leave the cell empty if it has none")
+    for t in tags:
+        bad = (_BAD_TAG if fmt == "tags_csv" else _CONTROL).search(t)
+        if bad:
+            raise RecordError(f"malformed tag {t!r}: contains {bad.group()!r}"
+                              + (f" (is ingest.delimiter {p.delimiter!r} right for this file?)" if fmt == "tags_csv" else ""))
+    if p.allowed_labels is not None:
+        unknown = [t for t in tags if t not in p.allowed_labels]
+        if unknown:
+            raise RecordError(f"unknown label(s) {unknown}: not in ingest.allowed_labels")
+    return tags
+
+
+def images_root(p: IngestParams, fmt: str) -> str:
+    """The folder (or s3:// prefix) image paths are relative to: ingest.images, else beside the
+    annotations (a VOC layout's JPEGImages/)."""
+    if p.images:
+        return p.images
+    ann = Path(p.annotations)
+    return str(ann / "JPEGImages" if fmt == "voc" else ann.parent)

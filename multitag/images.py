@@ -84,6 +84,45 @@ def read_bytes(path: Path) -> bytes:
     return data
 
 
+def image_bytes(root: str, name: str) -> bytes:
+    """An image's bytes, read only from under the image folder ``root`` (a local folder or an s3://
+    prefix): a path that leads anywhere else is refused as a RecordError, before anything is read."""
+    if name.startswith("s3://"):  # a full URI is accepted only inside the configured prefix
+        prefix = root.rstrip("/") + "/"
+        if not root.startswith("s3://") or not name.startswith(prefix) or ".." in name[len(prefix):].split("/"):
+            raise RecordError(f"image {name!r} is outside the image folder {root!r} (ingest.images): only images "
+                              "under it are read")
+        return read_s3(name)
+    if root.startswith("s3://"):
+        if name.startswith("/") or ".." in name.split("/"):
+            raise RecordError(f"path {name!r} refused: image paths must be relative to the image folder, inside it")
+        return read_s3(f"{root.rstrip('/')}/{name}")
+    try:
+        path = local_image_path(root, name)
+    except OSError as err:  # e.g. a name longer than the file system allows
+        raise RecordError(f"image path {name!r} cannot be opened: {err.strerror or err}") from None
+    return read_bytes(path)
+
+
+def local_image_path(root: str, name: str) -> Path:
+    """The file of image ``name`` under the local folder ``root``: the path finally opened is the one
+    checked (RecordError if it escapes). A name without extension (Kaggle Planet: ``train_1``) finds
+    its one file with an image extension; several such files make the record ambiguous."""
+    path = resolve_image(Path(root), name)
+    if path.suffix or path.exists():
+        return path
+    found: dict[Path, str] = {}
+    for ext in IMAGE_SUFFIXES:
+        for suffix in (ext, ext.upper()):
+            candidate = Path(root) / (name + suffix)
+            if candidate.exists() or candidate.is_symlink():
+                found.setdefault(resolve_image(Path(root), name + suffix), name + suffix)
+    if len(found) > 1:
+        raise RecordError(f"ambiguous image name {name!r}: {', '.join(sorted(found.values()))} all exist; "
+                          "write the extension in the annotations")
+    return next(iter(found), path)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

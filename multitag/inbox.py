@@ -33,12 +33,12 @@ from pydantic import ValidationError
 
 from multitag.config import IngestParams, Params
 from multitag.errors import BatchRejected, IngestError, RecordError
-from multitag.formats import read_records
-from multitag.images import decode, sha256
-from multitag.ingest import check_tags, image_bytes, images_root
-from multitag.layout import Layout
-from multitag.lineage import ORIGIN, RawData, origin_of, summary
-from multitag.report import read_csv_rows, write_csv
+from multitag.formats import check_tags, images_root, read_records
+from multitag.images import decode, image_bytes, sha256
+from multitag.layout import ORIGIN, Layout
+from multitag.lineage import origin_of
+from multitag.rawdata import RawData, summary
+from multitag.report import read_csv_rows, utc_now, write_csv
 from multitag.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ REPORT = "_report.json"
 READ_OPTIONS = ("annotations", "format", "image_column", "tags_column", "delimiter", "no_label", "images")
 ANNOTATION_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json")  # what ingest reads (CSV with any delimiter)
 IMAGE_FOLDER = "images"  # a batch's image subfolder, found without being named
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def find_annotations(folder: Path) -> str:
@@ -253,7 +249,7 @@ class Inbox:
             rel = f.relative_to(folder).as_posix()
             self.incoming.put_file(f"{name}/{rel}", f)
             options["files"][rel] = sha256(f.read_bytes())
-        options["added"] = _now()
+        options["added"] = utc_now()
         self.incoming.put_bytes(f"{name}/{READY}", json.dumps(options, indent=1, ensure_ascii=False).encode())
         return name, content
 
@@ -301,7 +297,7 @@ def take_in(params: Params, layout: Layout) -> dict:
                 entry = raw.apply(name, fingerprint, read_batch(Path(tmp), options, params.ingest),
                                   inbox.incoming.url(name))
         except BatchRejected as err:
-            report = {"batch": name, "rejected_at": _now(), "reason": str(err), "rejected_records": err.rejected}
+            report = {"batch": name, "rejected_at": utc_now(), "reason": str(err), "rejected_records": err.rejected}
             log.warning("batch %s rejected: %s", name, err)
             inbox.finish(name, inbox.rejected, report)
             rejected.append(report)

@@ -1,5 +1,4 @@
-"""Where everything is: the workspace's files, which stage writes which, the manifest's schema, how
-a split is read back from the shards, and which device computes.
+"""Where everything is: the workspace's files, which stage writes which, and the manifest's schema.
 
 Every stage, flow, the registry and the tests take their paths from here; ``tests/test_layout.py``
 checks that dvc.yaml declares exactly ``STAGE_OUTPUTS`` and that each stage's code ``deps`` are the
@@ -10,13 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
-import numpy as np
 import pandas as pd
-
-if TYPE_CHECKING:
-    import torch
 
 PARAMS = "params.yaml"
 LINEAGE = "lineage.yaml"          # machine-written state of the data lineage (multitag/lineage.py)
@@ -52,6 +45,14 @@ SCRATCH = ".multitag"
 CHECKPOINT = ".multitag/checkpoints/last.pt"   # a killed training run resumes from here
 DECODE_CACHE = ".multitag/decode-cache"        # decoded images by content hash: re-ingest skips them
 RUN_LOG = ".multitag/runs"                     # per-stage timings of the latest run (vary run to run)
+RETRAIN_STATE = ".multitag/retrain.json"       # the batches a finished training saw (flows/retrain_steps.py)
+PREFECT_SERVER_LOG = ".multitag/prefect-server.log"  # the server `multitag serve` starts
+
+# Inside the raw data (retrain.raw, multitag/rawdata.py), which ingest reads once retraining began.
+LEDGER = "batches.json"           # one entry per applied batch, with its rows
+RAW_ANNOTATIONS = "annotations.jsonl"  # what ingest reads, derived from the ledger
+RAW_IMAGES = "images"             # every accepted image once, named by its content hash
+ORIGIN = "origin"                 # the ledger name of the data set retraining began with
 
 # What each dvc.yaml stage writes, as dvc.yaml declares it (checked by tests/test_layout.py).
 STAGE_OUTPUTS: dict[str, dict[str, list[str]]] = {
@@ -111,7 +112,9 @@ class Layout:
         self.registration = r / REGISTRATION
         self.label_issues, self.label_issues_plot, self.review_summary = (
             r / LABEL_ISSUES, r / LABEL_ISSUES_PLOT, r / REVIEW_SUMMARY)
-        self.checkpoint, self.decode_cache, self.run_log = r / CHECKPOINT, r / DECODE_CACHE, r / RUN_LOG
+        self.scratch, self.checkpoint, self.decode_cache, self.run_log = (
+            r / SCRATCH, r / CHECKPOINT, r / DECODE_CACHE, r / RUN_LOG)
+        self.retrain_state, self.prefect_server_log = r / RETRAIN_STATE, r / PREFECT_SERVER_LOG
 
     def shard(self, number: int) -> Path:
         return self.shards / f"{number:05d}.npy"
@@ -119,63 +122,3 @@ class Layout:
 
 def read_manifest(layout: Layout, columns: list[str] | None = None) -> pd.DataFrame:
     return pd.read_parquet(layout.manifest, columns=columns)
-
-
-def select_device(preference: str = "auto") -> torch.device:
-    """``auto``: the GPU when CUDA is available, else the CPU; ``cuda`` fails clearly without one."""
-    import torch  # here, not at the top: the stages without a model start without torch
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
-    if preference == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-class ShardSplit:
-    """One split's images, gathered per batch straight from the memory-mapped uint8 shards (the
-    ``train.workers > 0`` path, for splits larger than memory): ``split[idx]`` is a uint8 NHWC tensor."""
-
-    def __init__(self, layout: Layout, rows: pd.DataFrame):
-        self.layout, self.shard, self.offset = layout, rows["shard"].to_numpy(), rows["offset"].to_numpy()
-        self._maps: dict[int, np.ndarray] = {}
-        first = self._map(int(self.shard[0])) if len(self.shard) else np.zeros((0, 1, 1, 3), np.uint8)
-        self.shape = (len(self.shard), *first.shape[1:])
-
-    def _map(self, shard: int) -> np.ndarray:
-        if shard not in self._maps:
-            self._maps[shard] = np.load(self.layout.shard(shard), mmap_mode="r")
-        return self._maps[shard]
-
-    def __getstate__(self) -> dict:  # sent to worker processes: each maps the shards itself
-        return {**self.__dict__, "_maps": {}}
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, idx) -> torch.Tensor:
-        import torch
-        idx = np.asarray(idx)
-        out = np.empty((len(idx), *self.shape[1:]), np.uint8)
-        for shard in np.unique(self.shard[idx]):
-            here = self.shard[idx] == shard
-            out[here] = self._map(int(shard))[self.offset[idx[here]]]
-        return torch.from_numpy(out)
-
-
-def load_split(layout: Layout, split: str | None, targets: bool = True, in_memory: bool = True):
-    """(images uint8 NHWC, float targets or None, manifest rows) of one split (None: every image),
-    read from the shards (``in_memory=False``: a ShardSplit that reads each batch from them when asked)."""
-    import torch
-    manifest = read_manifest(layout)
-    rows = manifest.index[(manifest["split"] == split) if split else slice(None)].to_numpy()
-    y = torch.from_numpy(np.load(layout.targets)[rows].astype(np.float32)) if targets else None
-    if not in_memory:
-        return ShardSplit(layout, manifest.loc[rows]), y, manifest.loc[rows]
-    parts = []
-    for shard, group in manifest.loc[rows].groupby("shard", sort=True):
-        arr = np.load(layout.shard(int(shard)), mmap_mode="r")
-        parts.append(np.asarray(arr[group["offset"].to_numpy()]))
-    images = np.concatenate(parts) if parts else np.zeros((0, 1, 1, 3), np.uint8)
-    # groupby(sort=True) walks shards in order and rows are sorted within each shard, so
-    # ``images`` follows ``rows`` (manifest order); targets are indexed the same way.
-    return torch.from_numpy(images), y, manifest.loc[rows]

@@ -54,6 +54,17 @@ class NoUserErrorTraceback(logging.Filter):
         return True
 
 
+class SaidOnce(logging.Filter):
+    """On a terminal: Prefect's lines about a task or flow that ended on a failed stage (the task's and
+    the flow's final states, the flow's exception) repeat the error the stage printed and the one
+    paragraph the CLI prints last, so the terminal shows it twice, not five times. The Prefect UI
+    keeps them (this filter is on the console handlers only)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("prefect.") and
+                    any(name in record.getMessage() for name in ("StageFailed", "TransientStageError")))
+
+
 def setup_logging() -> None:
     """Timestamped lines on stderr, secrets masked; no line per HTTP request."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -68,6 +79,7 @@ def install_filters() -> None:
     after importing Prefect, which installs its own handlers)."""
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
-            for f in (RedactingFilter, NoUserErrorTraceback):
+            console = type(handler) is logging.StreamHandler or type(handler).__name__ == "PrefectConsoleHandler"
+            for f in (RedactingFilter, NoUserErrorTraceback, *([SaidOnce] if console else [])):
                 if not any(isinstance(x, f) for x in handler.filters):
                     handler.addFilter(f())

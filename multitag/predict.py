@@ -13,12 +13,13 @@ import pandas as pd
 
 from multitag.compute import executor, map_chunks
 from multitag.config import ComputeParams
+from multitag.dataset import select_device
 from multitag.errors import NotFound, RecordError
 from multitag.images import IMAGE_SUFFIXES, decode, read_bytes
-from multitag.layout import select_device
 from multitag.models import load_model_file, predict_scores
 from multitag.progress import progress
 from multitag.registry import Registry
+from multitag.report import as_text_cell
 from multitag.serving import OnnxModel, export_onnx
 from multitag.storage import Store
 
@@ -220,7 +221,7 @@ def write_table(rows: list[list], columns: list[str], out: str, tmp: Path) -> st
     local.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows, columns=columns)
     if suffix == ".csv":
-        frame.to_csv(local, index=False, float_format="%.5f")
+        frame.map(as_text_cell).to_csv(local, index=False, float_format="%.5f")  # opened in spreadsheets
     else:
         frame.to_parquet(local, index=False)
     if out.startswith("s3://"):

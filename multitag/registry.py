@@ -22,13 +22,12 @@ import math
 import re
 import subprocess
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from multitag.errors import NotFound, PreconditionFailed, StoreError
-from multitag.report import markdown_table
-from multitag.storage import Store
+from multitag.report import markdown_table, utc_now
+from multitag.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +86,12 @@ def git_commit(workspace: str | Path = ".") -> dict:
     if head.returncode != 0:
         return {"commit": None, "dirty": None}
     return {"commit": head.stdout.strip(), "dirty": bool(git("status", "--porcelain").stdout.strip())}
+
+
+def open_registry(params, workspace: str | Path = ".") -> "Registry":
+    """The registry params.yaml names (``register.name`` in ``store.uri``; a relative local store is
+    under ``workspace``)."""
+    return Registry(open_store(params.store.uri, workspace), params.register.name)
 
 
 class Registry:
@@ -186,7 +191,7 @@ class Registry:
         version = self._claim()
         card = {**card, "name": self.name, "version": version, "weights_sha256": digest,
                 "comparison": asdict(judged[1]) if judged else None,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created_at": utc_now(),
                 "files": {name: file_digest(path) for name, path in files.items()}}
         for name, path in files.items():
             self.store.put_file(self.version_key(version, name), path)
@@ -204,7 +209,7 @@ class Registry:
         """Compare-and-swap the champion alias from ``current``; PreconditionFailed if it moved.
         Returns the alias record written."""
         alias = {**record, "reason": reason, "lineage": lineage,
-                 "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                 "promoted_at": utc_now()}
         key = f"{self.prefix}/aliases/{CHAMPION}.json"
         if current is None:
             self.store.put_bytes(key, json.dumps(alias).encode(), if_none_match=True)

@@ -8,8 +8,14 @@ import io
 import json
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
+
+
+def utc_now() -> str:
+    """The time written into ledgers and reports: UTC, to the second, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
@@ -33,20 +39,39 @@ def read_json(path: str | Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+# A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection"): a label
+# such as =HYPERLINK(...) or an image named +1.png would run when the file is opened.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def as_text_cell(value):
+    """A cell a spreadsheet shows as text: a ' before a leading = + - @ tab or CR (the spreadsheet
+    hides it; ``text_of_cell`` takes it off again)."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
+def text_of_cell(value: str) -> str:
+    return value[1:] if value.startswith("'") and value[1:].startswith(FORMULA_START) else value
+
+
 def read_csv_rows(path: str | Path) -> list[dict]:
-    """A CSV's rows as dicts; a byte-order mark (a spreadsheet's "CSV UTF-8") is not part of the header."""
+    """A CSV's rows as dicts, each cell as written before ``write_csv(for_people=True)`` guarded it (or
+    as a spreadsheet saved it); a byte-order mark (a spreadsheet's "CSV UTF-8") is not part of the header."""
     try:
         with Path(path).open(newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f))
+            return [{k: text_of_cell(v) if isinstance(v, str) else v for k, v in row.items()}
+                    for row in csv.DictReader(f)]
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason}); re-save the file as UTF-8") from None
 
 
-def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence], for_people: bool = False) -> Path:
+    """A CSV written whole. ``for_people``: a file people open in a spreadsheet, whose text cells that
+    would be formulas are written as text (``as_text_cell``); read it back with ``read_csv_rows``."""
     text = io.StringIO()
     w = csv.writer(text, lineterminator="\n")
     w.writerow(header)
-    w.writerows(rows)
+    w.writerows(([as_text_cell(c) for c in row] for row in rows) if for_people else rows)
     return write_atomic(path, text.getvalue())
 
 

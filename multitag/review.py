@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 from multitag.config import Params, TrainParams
-from multitag.layout import Layout, load_split, select_device
+from multitag.dataset import load_split, select_device
+from multitag.layout import Layout
 from multitag.metrics import mean_ap
 from multitag.report import contact_sheet, read_json, write_csv, write_json
 
@@ -123,7 +124,7 @@ def review(params: Params, layout: Layout) -> dict:
         rows.append([manifest["source"][i], manifest["sha256"][i], words(given), words(miss), words(extra),
                      words((given | miss) & ~extra), round(float(found["quality"][i]), 5),
                      "yes" if found["flagged"][i] else "", ""])
-    write_csv(out_csv, COLUMNS, rows)
+    write_csv(out_csv, COLUMNS, rows, for_people=True)
     table = pd.DataFrame(rows, columns=COLUMNS)
     _contact_sheet(table, x, manifest, sheet, "", heldout)
     result = {"enabled": True, "images": len(rows), "flagged": int(found["flagged"].sum()), "folds": r.folds,

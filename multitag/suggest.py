@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from multitag.ingest import UNFILLED
+from multitag.formats import UNFILLED
 from multitag.report import contact_sheet, write_csv
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def suggest(names: list[str], images: np.ndarray, probs: np.ndarray, thresholds:
 
 def write_suggestions(table: pd.DataFrame, images: dict[str, np.ndarray], out: Path) -> None:
     """suggestions.csv and a contact sheet, suggestions.png, in ``out``."""
-    write_csv(out / "suggestions.csv", list(table.columns), table.itertuples(index=False))
+    write_csv(out / "suggestions.csv", list(table.columns), table.itertuples(index=False), for_people=True)
     shown = table.head(30)
     contact_sheet([images[row.image] for row in shown.itertuples()],
                   [f"#{row.rank} {row.image[:20]}\n{row.uncertain_labels[:34]}" for row in shown.itertuples()],
@@ -92,3 +92,34 @@ def write_batch_skeleton(table: pd.DataFrame, read, dest: Path) -> Path:
     for file, name in files.items():
         (dest / "images" / file).write_bytes(read(name))
     return write_csv(dest / "labels.csv", ["image_name", "tags"], ((file, UNFILLED) for file in files))
+
+
+def suggest_folder(source: str, n: int, model: str, registry, out: Path, batch: Path | None = None,
+                   diversity: float = 0.5) -> dict:
+    """Rank the images of ``source`` (a folder, searched recursively, or an s3:// prefix) with
+    ``model`` (a registry reference or a model file), write the top ``n`` to ``out`` (suggestions.csv
+    and suggestions.png) and, with ``batch``, the chosen images as an inbox batch to fill in. Returns
+    the table, the number of images read, the unreadable ones (name -> why), the model's description
+    and the batch's labels.csv (or None)."""
+    import tempfile
+
+    from multitag.dataset import select_device
+    from multitag.predict import ImageSource, decode_batch, open_model
+
+    if n < 1:
+        raise ValueError("--n must be at least 1")
+    images = ImageSource(source)
+    if not images.names:
+        raise FileNotFoundError(f"no image files in {source}")
+    with tempfile.TemporaryDirectory() as tmp:
+        predictor, desc, _ = open_model(model, registry, None, "torch", Path(tmp), select_device("auto"))
+        names, arrays, errors = decode_batch(images, images.names, predictor.image_size)
+    if not names:
+        raise ValueError(f"none of the {len(errors)} image files in {source} could be read; first: "
+                         f"{next(iter(errors.items()))}")
+    pixels = np.stack(arrays)
+    table = suggest(names, pixels, predictor.scores(pixels), predictor.thresholds, predictor.labels, n, diversity)
+    skeleton = write_batch_skeleton(table, images.read, batch) if batch else None  # first: it may refuse
+    out.mkdir(parents=True, exist_ok=True)
+    write_suggestions(table, dict(zip(names, pixels)), out)
+    return {"table": table, "images": len(names), "errors": errors, "model": desc, "batch": skeleton}

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,11 +35,13 @@ from tqdm import tqdm
 
 from multitag.augment import augment, mixup
 from multitag.config import Params, TrainParams
-from multitag.layout import Layout, load_split, select_device
+from multitag.dataset import load_split, select_device
+from multitag.layout import Layout
 from multitag.losses import ModelEma, make_loss
 from multitag.metrics import mean_ap
-from multitag.models import (MLDecoder, build_model, load_registered, predict_scores, save_atomic, save_model_file, state_digest,
-                             to_input)
+from multitag.models import (MLDecoder, build_model, load_registered, predict_scores, save_atomic, save_model_file,
+                             state_digest, to_input)
+from multitag.registry import open_registry
 from multitag.report import read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ class Checkpointer:
 def fingerprint(p: TrainParams, layout: Layout, init_from: int | None) -> str:
     """Identity of a training run: params, starting version, data and training code. A checkpoint is
     resumed only if this matches (a code change must retrain, not re-export an old run)."""
-    from multitag import augment as augment_module, losses, models
+    from multitag import augment as augment_module
+    from multitag import losses, models
     h = hashlib.sha256(json.dumps([p.model_dump(mode="json"), init_from], sort_keys=True).encode())
     for f in (layout.manifest, layout.targets, layout.vocabulary, Path(__file__), Path(models.__file__),
               Path(losses.__file__), Path(augment_module.__file__)):
@@ -477,7 +479,7 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
     state, best_weights = (Checkpointer.restore(run, ckpt) if ckpt else
                            (TrainState(epochs, planned), copy.deepcopy(run.model.state_dict())))
     resumed, head, seconds, spent, halfway = state.epoch, head_parameters(run.model), [], [], 0
-    log.info("training %s on %s from %s: %d train / %d val images, %d labels, %d epochs max", p.model, device,
+    log.info("training %s on %s (%s): %d train / %d val images, %d labels, %d epochs max", p.model, device,
              source, len(data.x_train), len(data.x_val), len(data.vocabulary), state.epochs)
     while state.epoch < state.epochs and not state.stopped:
         if stop_after_epochs is not None and state.epoch >= stop_after_epochs:
@@ -526,40 +528,14 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
 
 
 def run(params: Params, layout: Layout) -> TrainResult | None:
-    """The train stage as dvc.yaml runs it: one process; or, with train.devices > 1 or train.nodes > 1
-    (and not already started by torchrun), a torchrun launch of this node, each process running this
-    stage; or, with train.launcher: kubernetes, an Indexed Job of train.nodes pods (multitag/distributed.py)."""
-    t = params.train
-    if "WORLD_SIZE" in os.environ or (t.devices == 1 and t.nodes == 1):
-        result = train(t, layout, params.lineage.init_from, _registry(params, layout) if params.lineage.init_from else None)
-        if os.environ.get(UPLOAD_ENV) and (not dist.is_initialized() or dist.get_rank() == 0):
-            _upload(params, layout, os.environ[UPLOAD_ENV])
-        return result
+    """The train stage as dvc.yaml runs it: training in this process; or, with train.devices > 1 or
+    train.nodes > 1 (and not already started by torchrun), the launch multitag/distributed.py makes of
+    this stage on several processes, nodes or Kubernetes pods."""
     from multitag import distributed
-    if t.launcher == "kubernetes" and t.nodes > 1:
-        return distributed.run_on_kubernetes(params, layout)
-    code = subprocess.call(distributed.torchrun_command(params, str(layout.params)))
-    if code:
-        where = (f"; the {t.nodes} nodes must all reach {t.rdzv_endpoint} (rdzv_id {t.rdzv_id}) within "
-                 f"train.join_timeout_s ({t.join_timeout_s:g} s)") if t.nodes > 1 else ""
-        raise RuntimeError(f"train: torchrun exited with {code}{where} (its own error is above)")
-    return None
 
-
-UPLOAD_ENV = "MULTITAG_UPLOAD"  # set on Kubernetes training pods: where rank 0 puts its outputs
-
-
-def _registry(params: Params, layout: Layout):
-    from multitag.registry import Registry
-    from multitag.storage import open_store
-    return Registry(open_store(params.store.uri, layout.root), params.register.name)
-
-
-def _upload(params: Params, layout: Layout, prefix: str) -> None:
-    """Rank 0 of a Kubernetes training: its outputs to the store, for the train stage to take."""
-    from multitag.distributed import OUTPUTS
-    from multitag.storage import open_store
-    store = open_store(params.store.uri, layout.root)
-    for out in OUTPUTS:
-        store.put_file(f"{prefix}/{out}", layout.root / out)
-    log.info("uploaded the training outputs to %s", store.url(prefix))
+    if distributed.needs_launch(params.train):
+        return distributed.launch(params, layout)
+    registry = open_registry(params, layout.root) if params.lineage.init_from else None
+    result = train(params.train, layout, params.lineage.init_from, registry)
+    distributed.upload_outputs(params, layout)
+    return result

@@ -10,12 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 from prefect import get_run_logger, task
 
-from multitag.config import load_params
 from multitag.errors import EXIT_TRANSIENT, StageFailed, StoreUnavailable, TransientStageError
-from multitag.layout import STAGE_OUTPUTS
 from multitag.logs import redact
 from multitag.telemetry import quiet_env
 
@@ -71,23 +68,9 @@ def stage_error(lines: list[str]) -> str:
     return "\n".join([_STAGE_ERROR.sub("", lines[first]), *lines[first + 1:end]])
 
 
-def locked(workdir: str | Path, stage: str) -> dict | None:
-    """The stage's entry in dvc.lock (what DVC recorded of its last run), or None."""
-    lock = Path(workdir) / "dvc.lock"
-    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage) if lock.exists() else None
-
-
-def _outputs_present(workdir: str | Path, stage: str) -> bool:
-    root = Path(workdir)
-    sample_out = load_params(root / "params.yaml").sample.out
-    return all((root / out.replace("${sample.out}", sample_out)).exists()
-               for kind in STAGE_OUTPUTS[stage].values() for out in kind)
-
-
 def run_stage(stage: str, workdir: str) -> bool:
-    """`dvc repro` one stage in ``workdir``. Returns whether the stage ran: its dvc.lock entry
-    changed, or its outputs had to be made again."""
-    before, present = locked(workdir, stage), _outputs_present(workdir, stage)
+    """`dvc repro` one stage in ``workdir``. Returns whether the stage's command ran (DVC says "Running
+    stage"); outputs DVC only restored from its cache, e.g. after a failed run removed them, are not a run."""
     RUNNING["stage"] = stage
     code, lines = run_dvc(["repro", "--single-item", stage], workdir)
     RUNNING["stage"] = None
@@ -95,7 +78,7 @@ def run_stage(stage: str, workdir: str) -> bool:
         if any(f"exited with {EXIT_TRANSIENT}" in line for line in lines):
             raise TransientStageError(f"stage {stage!r} failed on transient I/O: {stage_error(lines)}")
         raise StageFailed(f"stage {stage!r} failed: {stage_error(lines)}")
-    ran = locked(workdir, stage) != before or not present
+    ran = any(line.startswith(f"Running stage '{stage}'") for line in lines)
     get_run_logger().info("stage %s %s", stage, "ran" if ran else "unchanged, skipped by DVC")
     return ran
 

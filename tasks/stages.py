@@ -103,6 +103,62 @@ def render_review(ws: Layout) -> dict:
 
 RENDERERS = {"sample": render_sample, "ingest": render_ingest, "labels": render_labels, "train": render_train,
              "evaluate": render_evaluate, "register": render_register, "review": render_review}
+# -- the retrain flow's artifacts (flows/retrain.py) -------------------------------------------------
+
+def inbox_markdown(intake: dict) -> str:
+    """The inbox-batches artifact: batches taken in, their rejected records and relabelled images."""
+    md = f"## Inbox\n\n{len(intake['applied'])} batch(es) taken in, {len(intake['rejected'])} rejected\n\n"
+    if intake["applied"]:
+        md += markdown_table([(e["batch"], e["records"], e["added"], len(e["relabelled"]), e["duplicates"],
+                               len(e["rejected"]), ", ".join(e["new_labels"]) or "-") for e in intake["applied"]],
+                             ["batch", "records", "images added", "relabelled", "duplicates", "records rejected",
+                              "labels new to the raw data"])
+    problems = [(e["batch"], r["record"], f"`{r['image']}`", r["reason"]) for e in intake["applied"] for r in e["rejected"]]
+    if problems:
+        md += "\n### Rejected records\n\n" + markdown_table(problems[:50], ["batch", "record", "image", "reason"])
+    relabelled = [(e["batch"], f"`{r['image']}`", " ".join(r["before"]), " ".join(r["after"]))
+                  for e in intake["applied"] for r in e["relabelled"]]
+    if relabelled:
+        md += "\n### Labels changed for known images\n\n" + markdown_table(relabelled[:50],
+                                                                            ["batch", "image", "before", "after"])
+    if intake["rejected"]:
+        md += "\n### Rejected batches\n\n" + markdown_table([(r["batch"], r["reason"]) for r in intake["rejected"]],
+                                                             ["batch", "reason"])
+    return md
+
+
+def batch_check_markdown(checks: list[dict]) -> str:
+    """The batch-check artifact: the champion on each new batch, with its verdict."""
+    rows = [(c["batch"], c["images"], c.get("champion", "-"), c.get("batch_map", "-"), c.get("test_map", "-"),
+             c.get("drop", "-"), c.get("batch_micro_f1", "-"), " ".join(c.get("new_labels", [])) or "-",
+             ", ".join(f"{s['label']} {s['change']:+.2f}" for s in c.get("largest_shifts", [])) or "-",
+             "**FLAGGED**" if c.get("flagged") else c.get("reason", "ok")) for c in checks]
+    return "## The champion on the new batches\n\n" + markdown_table(rows, [
+            "batch", "images", "champion", "mAP on the batch", "test mAP", "drop", "micro-F1 on the batch",
+            "labels new to it", "largest label shifts vs its training data", "verdict"])
+
+
+def retrain_markdown(s: dict) -> str:
+    """The retrain-summary artifact: the same facts as the commit message, in a table."""
+    rows = [("batches taken in", ", ".join(s["batches_taken_in"]) or "none"),
+            ("batches rejected", ", ".join(s["batches_rejected"]) or "none"),
+            ("new or relabelled images", s["new_images"]),
+            ("labels", f"{s['labels']} ({len(s['new_labels'])} new to the champion: {', '.join(s['new_labels'][:20])})"
+             if s["new_labels"] else f"{s['labels']} (none new to the champion)"),
+            ("decision", s["reason"])]
+    r = s["pipeline"]
+    if r:
+        champ = r.get("champion_map")
+        change = (f" (champion v{r['previous_champion']} on the same test set: {champ:.4f}, change "
+                  f"{r['compared_map'] - champ:+.4f})" if champ is not None else "")
+        rows += [("test mAP", f"{r['test_map']:.4f}{change}"), ("micro-F1", r["micro_f1"]),
+                 ("macro-F1", r["macro_f1"]), ("Hamming loss", r["hamming_loss"]),
+                 ("registered", f"v{r['version']}" + ("" if r["new_version"] else " (already registered)")),
+                 ("promoted", f"{'yes' if r['champion'] else 'no'}: {r['reason']}")]
+    rows += [("git commit", s["git_commit"] or "none"), ("commit message", s["commit_message"])]
+    return "## Retrain\n\n" + markdown_table(rows, ["", ""])
+
+
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient_only)
 def stage(name: str, workdir: str) -> dict:
     """Run one dvc.yaml stage through DVC and publish its artifacts; returns its summary and

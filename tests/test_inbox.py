@@ -10,10 +10,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from flows.retrain_steps import commit_message, plan, save_state
 from multitag.config import parse_params
 from multitag.inbox import READY, REPORT, BatchRejected, Inbox, read_batch, take_in
-from multitag.layout import Layout
-from multitag.lineage import LEDGER, RawData, commit_message, plan, save_state, update_lineage
+from multitag.layout import LEDGER, Layout
+from multitag.lineage import update_lineage
+from multitag.rawdata import RawData
 from multitag.registry import Registry
 from multitag.storage import open_store
 from tests.conftest import ROOT, tiny_params
@@ -159,7 +161,10 @@ def test_plan_waits_for_enough_images_then_fine_tunes_or_trains_afresh(params, t
     assert p["reason"] == "fine-tuning from champion v1 (label vocabulary unchanged)"
     # the arrow compares the champion re-scored on the candidate's test set, as the register stage did
     assert commit_message(p, {"test_map": 0.85, "version": 2, "champion": True, "champion_map": 0.81}) == \
-        "retrain: +3 images, mAP 0.810 → 0.850 (v2 promoted)"
+        "retrain: +3 images, mAP 0.8100 → 0.8500 (v2 promoted)"
+    # as many decimals as show the difference that decided (0.9998 → 1.0000 is not "1.000 → 1.000")
+    assert commit_message(p, {"test_map": 0.5, "compared_map": 1.0, "version": 3, "champion": True,
+                              "champion_map": 0.99998}).endswith("mAP 0.99998 → 1.00000 (v3 promoted)")
 
     save_state(Layout(ws), {"trained": ["b1", "b2"]})
     assert plan(params, Layout(ws))["reason"] == "no new images since the last training"

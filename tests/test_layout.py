@@ -70,8 +70,7 @@ def test_every_stage_depends_on_exactly_the_code_it_runs():
 
 
 def test_no_import_cycles_among_the_project_modules():
-    modules = [".".join(p.relative_to(ROOT).with_suffix("").parts) for pkg in PACKAGES
-               for p in (ROOT / pkg).glob("*.py") if p.name != "__init__.py"]
+    modules = _project_modules()
     graph = {m: imports_of(m) for m in modules}
     state: dict[str, str] = {}
 
@@ -86,6 +85,49 @@ def test_no_import_cycles_among_the_project_modules():
     for m in modules:
         if m not in state:
             visit(m, [])
+
+
+def _project_modules() -> list[str]:
+    return [".".join(p.relative_to(ROOT).with_suffix("").parts) for pkg in PACKAGES
+            for p in (ROOT / pkg).glob("*.py") if p.name != "__init__.py"]
+
+
+# The one library module that runs another stage's function: the review trains its fold models with
+# the train stage's own training (the same recipe the pipeline trains).
+RUNS_ANOTHER_STAGE = {"multitag.review": {"multitag.train"}}
+THIN_WRAPPERS = ("multitag.cli", "tasks.", "flows.")  # they call the stages, as dvc.yaml does
+
+
+def test_no_library_module_reaches_up_into_a_stage_module_for_a_helper():
+    """Shared helpers live below the stages (images, formats, layout, dataset ...), so editing a stage
+    never reruns another stage through a helper it happened to hold."""
+    stages = set(STAGE_MODULES.values())
+    for m in _project_modules():
+        if m.startswith(THIN_WRAPPERS):
+            continue
+        reached = imports_of(m) & stages - RUNS_ANOTHER_STAGE.get(m, set())
+        assert not reached, f"{m} imports the stage module(s) {sorted(reached)}: move what it needs below the stages"
+
+
+def test_no_stage_runs_retrain_or_flow_code():
+    """The retrain flow's steps and the Prefect wrappers are in no stage's code deps: rewording a retrain
+    commit message, or changing how a batch is taken in, reruns no stage."""
+    for name, module in STAGE_MODULES.items():
+        deps = code_deps(module)
+        assert not {d for d in deps if d.startswith(("flows/", "tasks/"))}, name
+        assert not deps & {"multitag/rawdata.py", "multitag/inbox.py", "multitag/drift.py", "multitag/cli.py"}, name
+
+
+def _function_lengths(path: Path) -> dict[str, int]:
+    return {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def test_commands_and_the_ingest_stage_are_short_functions():
+    """A command parses its options and calls the library; ingest() calls one function per phase."""
+    long = {name: n for name, n in _function_lengths(ROOT / "multitag/cli.py").items() if n >= 40}
+    assert not long, f"multitag/cli.py functions of 40 lines or more: {long}"
+    assert _function_lengths(ROOT / "multitag/ingest.py")["ingest"] < 40
 
 
 def write_code_deps(path: Path = ROOT / "dvc.yaml") -> None:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from flows.retrain_steps import score_pair
 from multitag.registry import Registry
 from multitag.storage import open_store
 from tests.conftest import BIN, free_port, init_workspace, run, stop_process_group, tiny_params
@@ -66,11 +67,15 @@ def _multitag(*args, cwd, env, check=True):
 @pytest.fixture(scope="module")
 def first_run(photos, prefect_server, tmp_path_factory):
     """A fresh workspace pointed at the user's folder, run once: the reference result."""
-    ws = init_workspace(tmp_path_factory.mktemp("user") / "ws", own_params(photos))
+    ws = init_workspace(tmp_path_factory.mktemp("user") / "ws")
     env = {"PREFECT_API_URL": prefect_server}
     run(["git", "add", "-A"], ws)
-    run(["git", "commit", "-qm", "my data"], ws)
+    run(["git", "commit", "-qm", "a clone of the project"], ws)
+    (ws / "params.yaml").write_text(yaml.safe_dump(own_params(photos), sort_keys=False))  # the README's edit
     _multitag("run", cwd=ws, env=env)
+    run(["git", "add", "dvc.lock", "lineage.yaml", "params.yaml"], ws)  # the README's commit set, as written
+    run(["git", "commit", "-qm", "run"], ws)
+    assert run(["git", "status", "--porcelain"], ws).stdout == ""  # nothing else to commit, nothing left out
     return {"ws": ws, "env": env, "model": (ws / "models/model.pt").read_bytes()}
 
 
@@ -96,8 +101,8 @@ def test_own_data_retrained_twice_then_restored_elsewhere_by_dvc_pull(first_run,
     reg = json.loads((ws / "reports/registration.json").read_text())
     message = run(["git", "log", "-1", "--format=%s"], ws).stdout.strip()
     assert message.startswith("retrain: +30 images, mAP ")  # same 3 labels: none new
-    champion_map = f"{reg['champion_map']:.3f}"  # v1 re-scored on this test set, as the register stage compared
-    assert f"mAP {champion_map} → {reg['compared_map']:.3f} (v2 " in message and "re-scored" in reg["reason"]
+    shown = score_pair(reg["champion_map"], reg["compared_map"])  # v1 re-scored on this test set, as register compared
+    assert f"mAP {shown[0]} → {shown[1]} (v2 " in message and "re-scored" in reg["reason"]
 
     registry = Registry(open_store("store", ws), "multitag")
     champion = registry.alias("champion")[0]["version"]
@@ -128,6 +133,8 @@ def test_a_used_workspace_switched_to_another_data_set(first_run, photos, prefec
     failed = _multitag("run", cwd=ws, env=env, check=False)
     assert failed.returncode == 1
     assert "another data set" in failed.stderr and "register.name" in failed.stderr
+    # said by the stage and once more as the CLI's last line, not repeated by Prefect's task and flow states
+    assert failed.stderr.count("another data set") == 2, failed.stderr
     assert "Traceback" not in failed.stderr
     assert [v["version"] for v in Registry(open_store("store", ws), "multitag").versions()] == [1]
 

@@ -1,6 +1,7 @@
 """Label quality: the review stage finds injected annotation errors, suggestions are ranked, kept
 apart and written as a batch to fill in, and the champion is checked on every new batch."""
 
+import csv
 import hashlib
 import json
 
@@ -14,8 +15,8 @@ from multitag.config import parse_params
 from multitag.drift import check_batch
 from multitag.inbox import review_batch
 from multitag.layout import Layout
-from multitag.lineage import RawData
 from multitag.models import build_model, save_model_file
+from multitag.rawdata import RawData
 from multitag.registry import Registry
 from multitag.report import read_csv_rows
 from multitag.review import WEAK_MODELS, review
@@ -27,7 +28,11 @@ from tests.conftest import BIN, run, tiny_params
 def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, tmp_path):
     images = tmp_path / "images"  # the annotated images the prepared data came from
     images.mkdir()
+    # labels and a file name a spreadsheet would run as formulas (ingest accepts both)
+    hostile = ['=HYPERLINK("http://example.com")', "@SUM(A1)", "-c"]
+    data.vocabulary.write_text(json.dumps({"labels": hostile}))
     manifest = pd.read_parquet(data.manifest)
+    manifest.loc[0, "source"] = "+1.png"
     x = np.concatenate([np.load(data.shard(0)), np.load(data.shard(1))])
     for i, source in enumerate(manifest["source"]):
         Image.fromarray(x[i]).save(images / source)
@@ -42,7 +47,11 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
     params = parse_params({**tiny_params(), "review": {"enabled": True, "folds": 3},
                            "train": {"model": "simple_cnn", "epochs": 6, "batch_size": 16, "lr": 0.003, "device": "cpu"}})
     result = review(params, data)
+    with data.label_issues.open(newline="") as f:
+        formulas = [c for row in csv.reader(f) for c in row if c.startswith(("=", "+", "-", "@", "\t", "\r"))]
+    assert not formulas, formulas  # written as text: ' before each, which read_csv_rows takes off
     rows = read_csv_rows(data.label_issues)
+    assert {t for r in rows for t in r["given"].split()} <= set(hostile) and "+1.png" in {r["image"] for r in rows}
     assert result["images"] == len(rows) == len(y) and data.label_issues_plot.stat().st_size > 10_000
     assert result["heldout_map"] > WEAK_MODELS  # models good enough for their flags to mean something
     injected = set(manifest["sha256"][wrong])
@@ -72,6 +81,7 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
     assert review_batch(data, str(images), tmp_path / "batch") == 2
     batch = read_csv_rows(tmp_path / "batch/labels.csv")
     assert [r["tags"] for r in batch] == [rows[0]["suggested"], rows[1]["suggested"]]
+    assert {t for r in batch for t in r["tags"].split()} <= set(hostile)  # the labels exactly, for ingest to read
 
 
 def test_a_review_by_models_too_weak_to_trust_says_so(data, caplog):

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from multitag.augment import augment, mixup
 from multitag.config import AugmentParams, TrainParams, parse_params
 from multitag.losses import AsymmetricLoss, FocalLoss, ModelEma, make_loss, pos_weight_for
 from multitag.metrics import tune_thresholds
 from multitag.models import build_model, predict_scores
-from multitag.augment import augment, mixup
 from multitag.train import head_parameters, train
 from tests.conftest import copy_data
 from tests.test_train import _params
@@ -177,7 +177,7 @@ def test_dataloader_workers_reading_the_shards_train_the_same_weights(data, tmp_
 
 
 def test_shard_split_gathers_like_the_in_memory_split(data):
-    from multitag.layout import ShardSplit, load_split
+    from multitag.dataset import ShardSplit, load_split
 
     memory, y, _ = load_split(data, "train")
     shards, y2, _ = load_split(data, "train", in_memory=False)

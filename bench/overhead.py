@@ -7,7 +7,10 @@
 (2) `dvc repro`: the same stages from dvc.yaml, each in its own `multitag stage` process, with
     DVC hashing inputs and outputs and writing dvc.lock;
 (3) `multitag run`: the Prefect flow (temporary local API server, one task per stage, each running
-    its stage through DVC, artifacts), i.e. (2) plus Prefect.
+    its stage through DVC, artifacts), i.e. (2) plus Prefect; its Prefect home is new, so the
+    temporary server first creates its database, as on a user's first run;
+(4) `multitag run` once more in the same workspace, nothing changed: every stage skipped by DVC, the
+    cost of orchestration alone on a Prefect home that exists.
 
 Each way runs in its own fresh git + DVC workspace with the same params (params.yaml shrunk to
 --images images and --epochs epochs). Prints wall seconds, then what DVC and Prefect add.
@@ -86,9 +89,11 @@ def main() -> None:
             "dvc": timed([str(BIN / "dvc"), "repro"], workspace(tmp, "dvc", params), env),
             "prefect": timed([str(BIN / "multitag"), "run"], workspace(tmp, "prefect", params), env),
         }
+        rows["again"] = timed([str(BIN / "multitag"), "run"], tmp / "prefect", env)
     print(f"tiny pipeline: {args.images} sample images, {args.epochs} epoch(s); wall seconds, one run each")
     for key, label in (("direct", "(1) stage functions called directly"), ("dvc", "(2) dvc repro"),
-                       ("prefect", "(3) multitag run (Prefect flow over DVC)")):
+                       ("prefect", "(3) multitag run (Prefect flow over DVC)"),
+                       ("again", "(4) multitag run again, nothing changed")):
         print(f"{label:<44}{rows[key]:>8.1f}")
     print(f"DVC adds {rows['dvc'] - rows['direct']:.1f} s, Prefect adds {rows['prefect'] - rows['dvc']:.1f} s more; "
           f"ratio flow / direct: {rows['prefect'] / rows['direct']:.2f}")

@@ -1,6 +1,7 @@
 """A Prefect API server for the schedule when none is configured: `multitag serve` on a single machine
-needs one (an ephemeral API cannot schedule runs). Nothing here imports Prefect: PREFECT_API_URL must
-be set before Prefect is imported, since Prefect reads its settings then."""
+needs one (an ephemeral API cannot schedule runs); and Prefect's temporary server for a run started
+early. Nothing here imports Prefect at the top: PREFECT_API_URL must be set before Prefect is
+imported, since Prefect reads its settings then."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -77,3 +79,33 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def start_temporary_api():
+    """Without PREFECT_API_URL, a flow runs on Prefect's temporary API server, which the first flow
+    call starts and waits for (10-20 s on 2 cores, mostly importing the server). Start it now in a
+    thread instead, so that the caller loads what the run needs meanwhile; returns the function that
+    waits for it (and raises its error). Prefect keeps one temporary server per process, so the flow
+    then finds this one running."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    errors: list[BaseException] = []
+
+    def start():
+        try:
+            SubprocessASGIServer().start()
+        except Exception as err:  # raised in the caller's thread by wait()
+            errors.append(err)
+
+    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if errors:
+            raise errors[0]
+    return wait

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import os
 import sys
@@ -15,7 +14,7 @@ import typer
 
 from multitag.config import load_params
 from multitag.errors import EXIT_INTERRUPTED, EXPECTED, exit_code
-from multitag.layout import PIPELINE, STAGE_MODULES, Layout
+from multitag.layout import PIPELINE, Layout
 from multitag.telemetry import quiet_env, silence
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -146,11 +145,21 @@ def stage(name: Annotated[Stage, typer.Argument(help="Stage to run (what dvc.yam
 
 @handled()
 def _run_stage(name: str, workdir: Path) -> None:
-    from multitag.lineage import check_store_env
+    from multitag.stages import run_stage
 
-    p = _params(workdir)
-    check_store_env(p)
-    importlib.import_module(STAGE_MODULES[name]).run(p, Layout(workdir))
+    run_stage(name, workdir)
+
+
+def _load_while_the_api_starts() -> None:
+    """Load the flows, DVC and torch (seconds each; the stages run in the flow's process, tasks/dvc.py)
+    while Prefect's temporary API server starts, instead of one after the other."""
+    from flows.server import start_temporary_api
+
+    wait = start_temporary_api()
+    import dvc.repo  # noqa: F401
+    import flows.retrain  # noqa: F401  (and flows.pipeline)
+    import multitag.train  # noqa: F401
+    wait()
 
 
 @app.command()
@@ -159,11 +168,12 @@ def run(workdir: WorkdirOption = Path(".")):
     """Run the whole training pipeline as a Prefect flow (each stage through DVC) and print a summary."""
     import time
 
-    from flows.pipeline import summary_table, training_pipeline
-
     _stop_on_interrupt("run")
     start = time.time()
     _params(workdir)  # a bad params.yaml stops here, before Prefect starts
+    _load_while_the_api_starts()
+    from flows.pipeline import summary_table, training_pipeline
+
     summary = training_pipeline(workdir=str(workdir.resolve()))
     typer.echo(summary_table(summary, time.time() - start))
 
@@ -377,10 +387,11 @@ def inbox_list(workdir: WorkdirOption = Path(".")):
 def retrain(workdir: WorkdirOption = Path("."),
             force: Annotated[bool, typer.Option(help="Train even if fewer than retrain.min_new_images arrived")] = False):
     """Run the retrain flow once, now: take in inbox batches, retrain if enough arrived."""
-    from flows.retrain import retrain as retrain_flow
-
     _stop_on_interrupt("retrain")
     _params(workdir)  # a bad params.yaml stops here, before Prefect starts
+    _load_while_the_api_starts()
+    from flows.retrain import retrain as retrain_flow
+
     s = retrain_flow(workdir=str(workdir.resolve()), force=force)
     typer.echo(f"{s['reason']}; " + (f"v{s['pipeline']['version']} test mAP {s['pipeline']['test_map']:.4f}, "
                                      f"champion: {'yes' if s['pipeline']['champion'] else 'no'}"

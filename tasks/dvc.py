@@ -1,18 +1,21 @@
-"""Running DVC from Prefect tasks: a stage through `dvc repro` (DVC decides whether it is up to date,
-skips it if so, and records the run in dvc.lock), `dvc add`, `dvc push`; DVC's output streams into
-the task's Prefect log with secrets masked."""
+"""Running DVC from Prefect tasks: a stage as `dvc repro` runs it (DVC decides whether it is up to
+date, skips it if so, and records the run in dvc.lock), `dvc add`, `dvc push`; the output of DVC
+and of the stage goes into the task's Prefect log with secrets masked."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 from prefect import get_run_logger, task
 
-from multitag.errors import EXIT_TRANSIENT, StageFailed, StoreUnavailable, TransientStageError
+from multitag.errors import EXPECTED, StageFailed, StoreUnavailable, TransientStageError, is_transient
 from multitag.logs import redact
 from multitag.telemetry import quiet_env
 
@@ -21,8 +24,8 @@ RUNNING: dict[str, str | None] = {"stage": None}  # the stage being run, for the
 
 
 def retry_transient_only(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry a task only when it failed on transient I/O (its stage
-    exited with EXIT_TRANSIENT, or the store was unreachable)."""
+    """Prefect retry_condition_fn: retry a task only when it failed on transient I/O (its stage failed
+    on an unreachable store or cluster, or a network error)."""
     try:
         state.result()
     except (TransientStageError, StoreUnavailable):
@@ -53,34 +56,81 @@ def run_dvc(args: list[str], workdir: str) -> tuple[int, list[str]]:
     return proc.wait(), lines
 
 
-_STAGE_ERROR = re.compile(r"^\d\d:\d\d:\d\d ERROR multitag[\w.]*: ")
+_STAGE_COMMAND = re.compile(r"multitag stage (\w+)")
 
 
-def stage_error(lines: list[str]) -> str:
-    """The stage's own error message (its last ERROR log line and the lines continuing it), else
-    DVC's; the whole output is in the log already."""
-    starts = [i for i, line in enumerate(lines) if _STAGE_ERROR.match(line)]
-    if not starts:
-        return next((line for line in reversed(lines) if line.startswith("ERROR")), "see the log above")
-    first = starts[-1]
-    end = next((i for i in range(first + 1, len(lines)) if re.match(r"^(\d\d:\d\d:\d\d |ERROR)", lines[i])),
-               len(lines))
-    return "\n".join([_STAGE_ERROR.sub("", lines[first]), *lines[first + 1:end]])
+class _ToTaskLog(logging.Handler):
+    """Log records of the stage and of DVC, into the Prefect task's log (secrets masked)."""
+
+    def __init__(self, logger):
+        super().__init__()
+        self.task_logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.task_logger.log(record.levelno, "%s", redact(record.getMessage()))
+
+
+@contextlib.contextmanager
+def _logs_into(task_logger, names=("multitag", "dvc", "onnxscript", "onnx_ir")):
+    """While a stage runs in this process: its log, DVC's and the ONNX exporter's go into the task's log
+    (the terminal gets them from there) instead of their own handlers (DVC's print to stdout) or the
+    root logger's."""
+    loggers = [logging.getLogger(n) for n in names]
+    handler = _ToTaskLog(task_logger)
+    before = [(lg.handlers, lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+        lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, (handlers, propagate, level) in zip(loggers, before):
+            lg.handlers, lg.propagate, lg.level = handlers, propagate, level
 
 
 def run_stage(stage: str, workdir: str) -> bool:
-    """`dvc repro` one stage in ``workdir``. Returns whether the stage's command ran (DVC says "Running
-    stage"); outputs DVC only restored from its cache, e.g. after a failed run removed them, are not a run."""
+    """`dvc repro --single-item STAGE` in this process, through DVC's Python API: DVC decides whether
+    the stage is up to date (skipped), restores it from its run cache, or runs it, and records the run
+    in dvc.lock, as `dvc repro` does. Only the command differs: dvc.yaml's `multitag stage NAME` runs
+    here as a function call (multitag/stages.py) instead of a new process, so Python, torch and
+    multitag are loaded once per pipeline, not once per stage; any other command runs as DVC runs it.
+    Returns whether the stage's command ran (not: skipped, or only restored from DVC's cache)."""
+    import dvc.stage.run as dvc_run
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    from multitag.stages import run_stage as run_here
+
+    logger = get_run_logger()
+    shell_command, ran = dvc_run.cmd_run, []
+
+    def command(dvc_stage, dry=False, run_env=None):
+        match = _STAGE_COMMAND.fullmatch(dvc_stage.cmd.strip()) if isinstance(dvc_stage.cmd, str) else None
+        ran.append(not dry)
+        if dry or not match:
+            return shell_command(dvc_stage, dry=dry, run_env=run_env)
+        logging.getLogger("dvc.stage.run").info("Running stage '%s':\n> %s", dvc_stage.addressing, dvc_stage.cmd)
+        run_here(match.group(1), workdir)
+
     RUNNING["stage"] = stage
-    code, lines = run_dvc(["repro", "--single-item", stage], workdir)
-    RUNNING["stage"] = None
-    if code != 0:
-        if any(f"exited with {EXIT_TRANSIENT}" in line for line in lines):
-            raise TransientStageError(f"stage {stage!r} failed on transient I/O: {stage_error(lines)}")
-        raise StageFailed(f"stage {stage!r} failed: {stage_error(lines)}")
-    ran = any(line.startswith(f"Running stage '{stage}'") for line in lines)
-    get_run_logger().info("stage %s %s", stage, "ran" if ran else "unchanged, skipped by DVC")
-    return ran
+    try:
+        # From inside the workspace, as `dvc repro` runs: DVC reads a target's dvc.yaml from the current
+        # folder. DVC calls dvc.stage.run.cmd_run by its module name for each command it runs (dvc 3):
+        # replaced for this call only; were it renamed, DVC would run the command in a shell as before.
+        with (_logs_into(logger), contextlib.chdir(workdir), mock.patch.object(dvc_run, "cmd_run", command),
+              Repo(workdir) as repo):
+            repo.reproduce(f"dvc.yaml:{stage}", single_item=True)
+    except DvcException as err:  # a stage that failed, or DVC's own refusal (a missing dependency ...)
+        cause = err.__cause__ or err
+        if not isinstance(cause, EXPECTED):  # a bug: its traceback belongs in the log
+            logger.error("stage %s failed", stage, exc_info=cause)
+        error = TransientStageError if is_transient(cause) else StageFailed
+        raise error(f"stage {stage!r} failed{' on transient I/O' if error is TransientStageError else ''}: "
+                    f"{redact(str(cause))}") from None
+    finally:
+        RUNNING["stage"] = None
+    logger.info("stage %s %s", stage, "ran" if ran else "skipped by DVC: up to date, or restored from its cache")
+    return any(ran)
 
 
 @task(name="dvc-add", retries=2, retry_delay_seconds=10)
@@ -95,10 +145,13 @@ def dvc_add(workdir: str, path: str) -> None:
 def push(workdir: str) -> dict:
     """`dvc push` everything DVC tracks (stage outputs and added data) to the default DVC remote, if
     one is configured. Retried on any failure: pushing is idempotent I/O (content-addressed uploads)."""
-    code, lines = run_dvc(["remote", "default"], workdir)
-    if code != 0 or not lines:
+    from dvc.repo import Repo
+
+    with Repo(workdir) as repo:
+        remote = repo.config["core"].get("remote")
+    if not remote:
+        get_run_logger().info("no default DVC remote: nothing pushed (multitag remote setup URL sets one)")
         return {"pushed": False, "remote": None}
-    remote = lines[-1].strip()
     code, out = run_dvc(["push", "--remote", remote], workdir)
     if code != 0:
         raise StageFailed(f"dvc push to remote {remote!r} failed:\n" + "\n".join(out[-10:]))

@@ -38,8 +38,10 @@ chromium:
 ui: setup
 	$(BIN)/multitag server
 
-# Start this workspace over: outputs, raw data, scratch, the local store, and lineage.yaml back to its
-# defaults (the inbox and its archive are left alone: they hold what people dropped there).
+# Start this workspace over: outputs, raw data, scratch, the local store, DVC's run cache (else the next
+# run would restore the register stage's report of a registration the deleted store no longer holds),
+# and lineage.yaml back to its defaults (the inbox and its archive are left alone: they hold what
+# people dropped there).
 clean:
-	rm -rf data models reports store .multitag predictions.csv
+	rm -rf data models reports store .multitag predictions.csv .dvc/cache/runs
 	$(BIN)/python -c "from multitag.lineage import reset_lineage; reset_lineage('.')"

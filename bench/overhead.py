@@ -1,6 +1,6 @@
 """What Prefect and DVC add: the same tiny pipeline run three ways, side by side.
 
-    .venv/bin/python bench/overhead.py [--images 48] [--epochs 1]
+    .venv/bin/python bench/overhead.py [--images 48] [--epochs 1] [--before GIT_REF]
 
 (1) direct: one Python process calling the stage functions (sample, ingest, labels, train,
     evaluate, register) one after another, as a hand-written script would;
@@ -10,7 +10,9 @@
     its stage through DVC, artifacts), i.e. (2) plus Prefect; its Prefect home is new, so the
     temporary server first creates its database, as on a user's first run;
 (4) `multitag run` once more in the same workspace, nothing changed: every stage skipped by DVC, the
-    cost of orchestration alone on a Prefect home that exists.
+    cost of orchestration alone on a Prefect home that exists;
+with --before REF, (3) and (4) once more with the code of git commit REF (a worktree put first on
+PYTHONPATH, its own dvc.yaml and Prefect home), in the same run.
 
 Each way runs in its own fresh git + DVC workspace with the same params (params.yaml shrunk to
 --images images and --epochs epochs). Prints wall seconds, then what DVC and Prefect add.
@@ -32,7 +34,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
-       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
+       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}  # as the Makefile: code before --before REF lacks it
 
 
 def direct(workspace: Path) -> None:
@@ -48,12 +51,12 @@ def direct(workspace: Path) -> None:
         importlib.import_module(STAGE_MODULES[stage]).run(p, Layout("."))
 
 
-def workspace(base: Path, name: str, params: dict) -> Path:
+def workspace(base: Path, name: str, params: dict, code: Path = ROOT) -> Path:
     ws = base / name
     ws.mkdir()
     for name in ("dvc.yaml", "lineage.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, ws)
-    shutil.copytree(ROOT / "multitag", ws / "multitag", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(code / name, ws)
+    shutil.copytree(code / "multitag", ws / "multitag", ignore=shutil.ignore_patterns("__pycache__"))
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"],
                 [str(BIN / "dvc"), "config", "core.analytics", "false"]):
@@ -73,6 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--before", metavar="REF", help="also time (3) and (4) with the code of this git commit")
     ap.add_argument("--direct", type=Path, help=argparse.SUPPRESS)  # internal: run way (1) in this workspace
     args = ap.parse_args()
     if args.direct:
@@ -90,13 +94,31 @@ def main() -> None:
             "prefect": timed([str(BIN / "multitag"), "run"], workspace(tmp, "prefect", params), env),
         }
         rows["again"] = timed([str(BIN / "multitag"), "run"], tmp / "prefect", env)
+        if args.before:
+            rows.update(before(args.before, tmp, params, env))
     print(f"tiny pipeline: {args.images} sample images, {args.epochs} epoch(s); wall seconds, one run each")
     for key, label in (("direct", "(1) stage functions called directly"), ("dvc", "(2) dvc repro"),
                        ("prefect", "(3) multitag run (Prefect flow over DVC)"),
-                       ("again", "(4) multitag run again, nothing changed")):
-        print(f"{label:<44}{rows[key]:>8.1f}")
+                       ("again", "(4) multitag run again, nothing changed"),
+                       ("before", f"(3) at {args.before}"), ("before-again", f"(4) at {args.before}")):
+        if key in rows:
+            print(f"{label:<44}{rows[key]:>8.1f}")
     print(f"DVC adds {rows['dvc'] - rows['direct']:.1f} s, Prefect adds {rows['prefect'] - rows['dvc']:.1f} s more; "
-          f"ratio flow / direct: {rows['prefect'] / rows['direct']:.2f}")
+          f"ratio flow / direct: {rows['prefect'] / rows['direct']:.2f}"
+          + (f" (at {args.before}: {rows['before'] / rows['direct']:.2f})" if args.before else ""))
+
+
+def before(ref: str, tmp: Path, params: dict, env: dict) -> dict:
+    """Rows (3) and (4) with the code of git commit ``ref``."""
+    code = tmp / "code-before"
+    subprocess.run(["git", "worktree", "add", "-q", "--detach", str(code), ref], cwd=ROOT, check=True)
+    try:
+        env = {**env, "PYTHONPATH": str(code), "PREFECT_HOME": str(tmp / "prefect-home-before")}
+        ws = workspace(tmp, "before", params, code)
+        return {"before": timed([str(BIN / "multitag"), "run"], ws, env),
+                "before-again": timed([str(BIN / "multitag"), "run"], ws, env)}
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(code)], cwd=ROOT, check=True)
 
 
 if __name__ == "__main__":

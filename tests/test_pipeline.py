@@ -1,5 +1,7 @@
 """End to end: the Prefect flow over real DVC stages in a temporary git workspace, `dvc repro`
-twice, and prediction with the registered champion. Prefect runs on its ephemeral API server."""
+twice, and prediction with the registered champion. Prefect runs on its temporary API server in
+this process, and on the session's Prefect server for `multitag run` (test_interruption.py runs it on
+a temporary one, as in a user's plain shell)."""
 
 import csv
 import json
@@ -28,7 +30,7 @@ def _files(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_fresh_clones_reproduce_the_committed_run_byte_for_byte(workspace, tmp_path):
+def test_fresh_clones_reproduce_the_committed_run_byte_for_byte(workspace, tmp_path, prefect_server):
     """`dvc repro` twice from a plain shell as the README says (the second runs nothing); an edit
     reruns only the stages whose code it changes; commit; then a clone on another path runs the
     pipeline as `make demo` does: nothing in git changes, data/prepared and dvc.lock are identical."""
@@ -54,7 +56,7 @@ def test_fresh_clones_reproduce_the_committed_run_byte_for_byte(workspace, tmp_p
         clone = tmp_path / name
         clone.parent.mkdir(parents=True, exist_ok=True)
         run(["git", "clone", "-q", str(workspace), str(clone)], tmp_path)
-        out = run([str(BIN / "multitag"), "run"], clone).stdout
+        out = run([str(BIN / "multitag"), "run"], clone, env={"PREFECT_API_URL": prefect_server}).stdout
         assert "stages run               sample, ingest, labels, train, evaluate, register, review" in out
         assert run(["git", "status", "--porcelain"], clone).stdout == ""  # dvc.lock, lineage.yaml unchanged
         assert (clone / "dvc.lock").read_bytes() == (workspace / "dvc.lock").read_bytes()
@@ -133,7 +135,7 @@ def test_flow_runs_every_stage_registers_and_predicts(workspace):
     assert set(good["labels"].split()) <= {str(d) for d in range(10)}
 
 
-def test_stage_errors_are_clear_and_not_retried(workspace):
+def test_stage_errors_are_clear_and_not_retried(workspace, prefect_server):
     params = tiny_params(ingest={"annotations": "nowhere.csv", "images": "imgs"})
     (workspace / "imgs").mkdir()
     params["train"]["lrr"] = 1
@@ -144,7 +146,7 @@ def test_stage_errors_are_clear_and_not_retried(workspace):
 
     del params["train"]["lrr"]
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = run([str(BIN / "multitag"), "run"], workspace, check=False)
+    proc = run([str(BIN / "multitag"), "run"], workspace, check=False, env={"PREFECT_API_URL": prefect_server})
     assert proc.returncode == 1
     # DVC checks the stage's dependencies first; its error names the missing file
     assert "stage 'ingest' failed" in proc.stderr and "nowhere.csv" in proc.stderr.splitlines()[-1]

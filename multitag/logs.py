@@ -56,9 +56,9 @@ class NoUserErrorTraceback(logging.Filter):
 
 class SaidOnce(logging.Filter):
     """On a terminal: Prefect's lines about a task or flow that ended on a failed stage (the task's and
-    the flow's final states, the flow's exception) repeat the error the stage printed and the one
-    paragraph the CLI prints last, so the terminal shows it twice, not five times. The Prefect UI
-    keeps them (this filter is on the console handlers only)."""
+    the flow's final states, the flow's exception) repeat the one paragraph the CLI prints last, so
+    the terminal shows the error once, not four times. The Prefect UI keeps them (this filter is on
+    the console handlers only)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.name.startswith("prefect.") and

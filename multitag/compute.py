@@ -14,16 +14,23 @@ images keeps Dask's per-task overhead small). Dask comes with the ``scale`` extr
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
 from typing import Callable, Iterator
 
 from multitag.config import ComputeParams
-from multitag.errors import ComputeError, ConfigError
+from multitag.errors import ClusterError, ComputeError, ConfigError, is_transient
 
 log = logging.getLogger(__name__)
+
+POLL_S = 2.0  # how often a wait for a task's result looks at the cluster's workers
 
 
 def _client(spec: str):
@@ -44,9 +51,45 @@ def _client(spec: str):
                            "machine can reach it") from None
 
 
+@cache
+def versions() -> dict[str, str]:
+    """What must be the same on this machine and every worker for their results to equal: Python,
+    multitag (its version and a digest of its code: two checkouts of one version differ) and the
+    libraries that decode and score images."""
+    import numpy
+    import PIL
+    import torch
+
+    import multitag
+    code = hashlib.sha256()
+    for path in sorted(Path(multitag.__file__).parent.glob("*.py")):
+        code.update(path.name.encode() + path.read_bytes())
+    return {"python": sys.version.split()[0], "multitag": f"{multitag.__version__} (code {code.hexdigest()[:12]})",
+            "torch": torch.__version__, "Pillow": PIL.__version__, "numpy": numpy.__version__}
+
+
+def check_versions(client, where: str) -> None:
+    """Refuse a cluster whose workers run other versions than this machine (ClusterError naming
+    each difference): Dask's own packages, then multitag and its image libraries."""
+    try:
+        client.get_versions(check=True)
+    except ValueError as err:
+        raise ClusterError(f"the Dask cluster at {where} runs other versions of Dask's packages than this "
+                           f"machine: {err}") from None
+    here = versions()
+    differ = [f"{worker}: {name} {theirs.get(name)} (here {mine})"
+              for worker, theirs in sorted(client.run(versions).items())
+              for name, mine in here.items() if theirs.get(name) != mine]
+    if differ:
+        raise ClusterError(f"the Dask cluster at {where} runs other versions than this machine, so its results "
+                           f"would differ: {'; '.join(differ)}; install the same multitag and libraries on "
+                           "every worker (the image built from infra/Dockerfile) and restart them")
+
+
 @contextmanager
-def executor(p: ComputeParams, local_workers: int = 0) -> Iterator[Executor | None]:
-    """The executor for image work, or None to do it in this process (``local_workers`` 1)."""
+def executor(p: ComputeParams, local_workers: int = 0) -> Iterator:
+    """Where image work runs: a process pool, a Dask ``Client``, or None for this process
+    (``local_workers`` 1)."""
     if p.dask is None:
         workers = local_workers or os.cpu_count() or 1
         if workers == 1:
@@ -56,29 +99,91 @@ def executor(p: ComputeParams, local_workers: int = 0) -> Iterator[Executor | No
             yield pool
         return
     client, cluster = _client(p.dask)
-    log.info("image work on the Dask cluster at %s (%d workers)", client.scheduler.address,
-             len(client.scheduler_info()["workers"]))
+    quiet = logging.getLogger("distributed.client")  # it prints a lost scheduler's tracebacks; ComputeError
+    level = quiet.level                              # says it in one paragraph
+    quiet.setLevel(logging.CRITICAL)
     try:
-        yield client.get_executor()
+        try:
+            check_versions(client, p.dask)
+        except OSError as err:  # the scheduler went away in the meantime
+            raise _lost(p.dask, err) from None
+        log.info("image work on the Dask cluster at %s (%d workers)", client.scheduler.address,
+                 len(client.nthreads()))
+        yield client
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+        quiet.setLevel(level)
 
 
-def map_chunks(fn: Callable, items: list, pool: Executor | None, chunk: int, where: str) -> Iterator:
-    """fn(chunk of items) for consecutive chunks, results in order; on the pool when given. A cluster
-    that goes away midway is a ComputeError naming it (nothing half-written is kept by the callers)."""
-    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]  # a list: Dask maps no iterators
+def map_chunks(fn: Callable, items: list, pool, chunk: int, compute: ComputeParams) -> Iterator:
+    """fn(chunk of items) for consecutive chunks, results in order; on the pool (a process pool or a
+    Dask Client) when given. Nothing half-done is kept by the callers when this raises."""
+    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
     if pool is None:
         yield from map(fn, chunks)
-        return
-    try:
+    elif isinstance(pool, Executor):
         yield from pool.map(fn, chunks)
-    except (OSError, TimeoutError) as err:
-        raise ComputeError(f"the Dask cluster at {where} went away midway ({type(err).__name__}: {err}); check the "
-                           "scheduler and its workers, then run again (finished work is not kept)") from None
-    except Exception as err:  # distributed's own errors (a lost scheduler, too many worker deaths)
-        if type(err).__module__.startswith("distributed"):
-            raise ComputeError(f"the Dask cluster at {where} failed: {type(err).__name__}: {err}") from None
+    else:
+        yield from _on_dask(pool, fn, chunks, compute)
+
+
+def _on_dask(client, fn: Callable, chunks: list, compute: ComputeParams) -> Iterator:
+    """The chunks' results from the Dask cluster, in order. What can go wrong is told apart:
+    the work's own error on a worker (ClusterError or, if worth a retry, ComputeError, naming the
+    workers); the scheduler lost (ComputeError); no worker connected for ``compute.worker_wait_s``
+    (ComputeError; Dask itself would wait forever)."""
+    where = compute.dask
+    futures = client.map(fn, chunks, pure=False)
+    try:
+        for future in futures:
+            alone_since = None
+            while not _done(future):
+                if client.status != "running":
+                    break
+                if client.nthreads():
+                    alone_since = None
+                    continue
+                alone_since = alone_since or time.monotonic()
+                if time.monotonic() - alone_since > compute.worker_wait_s:
+                    raise ComputeError(f"no Dask worker has been connected to the scheduler at {where} for "
+                                       f"{compute.worker_wait_s:g} s (compute.worker_wait_s); start workers "
+                                       f"(dask worker {where}) and run again")
+            if future.status == "error":
+                raise _task_error(future.exception(), where)
+            yield future.result()
+    except (ComputeError, ClusterError):
         raise
+    except Exception as err:  # the scheduler or the connection to it lost
+        raise _lost(where, err) from None
+    finally:
+        client.cancel(futures)
+
+
+def _lost(where: str, err: BaseException) -> ComputeError:
+    return ComputeError(f"the Dask cluster at {where} went away midway ({type(err).__name__}: {err}); check the "
+                        "scheduler and its workers, then run again (finished work is not kept)")
+
+
+def _done(future) -> bool:
+    """Whether ``future`` finished within POLL_S seconds."""
+    from distributed import wait
+    try:
+        wait([future], timeout=POLL_S)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _task_error(err: BaseException, where: str) -> Exception:
+    """The error a chunk of work raised on a worker, said as the workers': their files, their
+    credentials and their network are not this machine's."""
+    text = f"{type(err).__name__}: {err}"
+    if "credentials" in str(err):
+        text += ("; the workers need their own AWS credentials (this machine's are not sent to them): set "
+                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a role) where each `dask worker` runs")
+    elif isinstance(err, FileNotFoundError):
+        text += "; the workers must see the images at the same path as this machine (a shared file system), or read them from S3"
+    message = f"on the workers of the Dask cluster at {where}: {text}"
+    return ComputeError(message) if is_transient(err) else ClusterError(message)

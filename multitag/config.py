@@ -219,6 +219,7 @@ class ComputeParams(_Section):
     """Which engine runs the image work of ingest and predict (multitag/compute.py)."""
     dask: str | None = Field(None, pattern=r"^(local:[1-9][0-9]*|tcp://[^\s/]+:[0-9]+)$")  # null | local:N | tcp://host:port
     chunk: int = Field(256, ge=1)  # images per task
+    worker_wait_s: float = Field(180, gt=0)  # a run with no Dask worker for this long ends with an error
 
 
 class LineageParams(_Section):

@@ -62,6 +62,11 @@ class ComputeError(RuntimeError, ConnectionError):
     """The Dask cluster is unreachable or went away: worth a retry once it is back."""
 
 
+class ClusterError(RuntimeError):
+    """The Dask cluster is up but cannot do this work as it is (workers that run other versions, or
+    lack the files or credentials the work needs): retrying would fail again."""
+
+
 class StageFailed(RuntimeError):
     """A pipeline stage failed on bad input or a bug: retrying would fail again."""
 
@@ -71,7 +76,8 @@ class TransientStageError(StageFailed):
 
 
 # Errors a user can act on: logged as their message alone, never with a traceback.
-USER_ERRORS = (ConfigError, IngestError, RecordError, LineageError, NotFound, StoreError, StageFailed, ComputeError)
+USER_ERRORS = (ConfigError, IngestError, RecordError, LineageError, NotFound, StoreError, StageFailed, ComputeError,
+               ClusterError)
 # What the CLI reports in one paragraph (no traceback); anything else is a bug and keeps its traceback.
 EXPECTED = (ConfigError, IngestError, RecordError, LineageError, NotFound, StoreError, StageFailed,
             ValueError, LookupError, RuntimeError, OSError)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -274,7 +275,8 @@ def check_tags(record: Record, fmt: str, p: IngestParams) -> tuple[str, ...]:
 def images_root(p: IngestParams, fmt: str) -> str:
     """The folder (or s3:// prefix) image paths are relative to: ingest.images, else beside the
     annotations (a VOC layout's JPEGImages/)."""
-    if p.images:
+    if p.images and p.images.startswith("s3://"):
         return p.images
     ann = Path(p.annotations)
-    return str(ann / "JPEGImages" if fmt == "voc" else ann.parent)
+    # absolute: the workers of a Dask cluster, started in other folders, must find it too
+    return os.path.abspath(p.images or (ann / "JPEGImages" if fmt == "voc" else ann.parent))

@@ -92,7 +92,7 @@ def _decode_all(jobs: list, workers: int, compute: ComputeParams):
     local = 1 if len(jobs) < 256 and compute.dask is None else workers  # a pool costs more than it saves
     chunk = compute.chunk if compute.dask else max(16, min(compute.chunk, len(jobs) // (4 * (os.cpu_count() or 1)) + 1))
     with executor(compute, local) as pool:
-        chunks = map_chunks(_load_chunk, jobs, pool, chunk, compute.dask or "this machine")
+        chunks = map_chunks(_load_chunk, jobs, pool, chunk, compute)
         for results in progress(chunks, -(-len(jobs) // chunk), "ingest", f"chunks of {chunk} images", log):
             yield from results
 

@@ -115,7 +115,8 @@ class ImageSource:
             self.names = names if names is not None else [
                 k for k in self.store.list() if Path(k).suffix.lower() in IMAGE_SUFFIXES]
         else:
-            self.folder = Path(source)
+            self.folder = Path(source).absolute()  # as the workers of a Dask cluster must find it
+            self.source = str(self.folder)
             if not self.folder.is_dir():
                 raise FileNotFoundError(f"image folder not found: {self.folder}")
             self.names = names if names is not None else sorted(
@@ -188,8 +189,7 @@ def predict_folder(folder: str | Path, model: str, store: Store, registry_name: 
         chunk = compute.chunk if compute.dask else batch_size
         rows, failed, first_error = [], 0, None
         with executor(compute, 1) as pool:
-            chunks = map_chunks(partial(_score_chunk, spec, source.source), source.names, pool, chunk,
-                                compute.dask or "this machine")
+            chunks = map_chunks(partial(_score_chunk, spec, source.source), source.names, pool, chunk, compute)
             for names, probs, errors in progress(chunks, -(-len(source.names) // chunk), "predict",
                                                  f"chunks of {chunk} images", log):
                 for name, p in zip(names, probs):

@@ -6,6 +6,7 @@ training Job followed through the states a real API answers."""
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -30,42 +31,61 @@ from tests.conftest import BIN, ROOT, copy_data, free_port, run, stop_process_gr
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def dask_cluster(tmp_path_factory):
-    """`dask scheduler` and two `dask worker` processes on loopback TCP; yields (address, workers)."""
+def start_dask(folder, workers: int = 2, env: dict | None = None):
+    """`dask scheduler` and ``workers`` `dask worker` processes on loopback TCP, started in ``folder``
+    (not the workspace, as on a cluster) with no AWS credentials; (address, scheduler, workers)."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("dask")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    folder.mkdir(parents=True, exist_ok=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env = {**base, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": str(folder / "none"),
+           "AWS_CONFIG_FILE": str(folder / "none"), **(env or {})}
     scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--no-dashboard"], env=env, stdout=(log / "s.log").open("w"),
+                                  "--no-dashboard"], cwd=folder, env=env, stdout=(folder / "s.log").open("w"),
                                  stderr=subprocess.STDOUT, start_new_session=True)
-    workers = [subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard",
-                                 "--name", f"w{i}"], env=env, stdout=(log / f"w{i}.log").open("w"),
-                                stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
+    procs = [start_worker(address, folder, f"w{i}", env) for i in range(workers)]
+    wait_for_workers(address, workers, folder / "s.log")
+    return address, scheduler, procs
+
+
+def start_worker(address: str, folder, name: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard", "--name", name],
+                            cwd=folder, env=env, stdout=(folder / f"{name}.log").open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for_workers(address: str, n: int, log) -> None:
     from distributed import Client
     deadline = time.time() + 60
     while True:
         try:
             with Client(address, timeout=3) as c:
-                if len(c.scheduler_info()["workers"]) == 2:
-                    break
+                if len(c.scheduler_info()["workers"]) == n:
+                    return
         except OSError:
             pass
         if time.time() > deadline:
-            raise RuntimeError("the Dask cluster did not start: " + (log / "s.log").read_text()[-2000:])
+            raise RuntimeError("the Dask cluster did not start: " + log.read_text()[-2000:])
         time.sleep(0.5)
-    yield address, workers
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """A Dask cluster of two workers; yields (address, workers, the folder they were started in)."""
+    folder = tmp_path_factory.mktemp("dask")
+    address, scheduler, workers = start_dask(folder)
+    yield address, workers, folder
     for proc in (*workers, scheduler):
         stop_process_group(proc)
 
 
-def _photos(folder, n=160):
+def _photos(folder, n=160, shape=(96, 128)):
     (folder / "images").mkdir(parents=True)
     rows = []
     for i in range(n):
         rng = np.random.default_rng(i)
-        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.jpg")
         rows.append((f"{i}.jpg", " ".join(sorted(rng.choice(list("abc"), rng.integers(0, 3), replace=False)))))
     rows.append(("missing.jpg", "a"))
     pd.DataFrame(rows, columns=["image_name", "tags"]).to_csv(folder / "labels.csv", index=False)
@@ -77,9 +97,11 @@ def _files(layout):
             if p.is_file() and ".multitag" not in p.parts}
 
 
-def test_ingest_on_a_dask_cluster_equals_the_local_one_even_when_a_worker_dies(dask_cluster, tmp_path):
-    address, workers = dask_cluster
-    p = _photos(tmp_path / "data")
+def test_ingest_on_a_dask_cluster_equals_the_local_one_even_when_a_worker_dies(dask_cluster, tmp_path, monkeypatch):
+    address, workers, _ = dask_cluster
+    _photos(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # relative paths, as params.yaml has them: the workers run in another folder
+    p = IngestParams(annotations="data/labels.csv", images="data/images", image_size=16)
     local, cluster, survived = (Layout(tmp_path / name) for name in ("local", "cluster", "survived"))
     ingest(p, local)
     ingest(p, cluster, compute=ComputeParams(dask=address, chunk=8))
@@ -93,6 +115,76 @@ def test_ingest_on_a_dask_cluster_equals_the_local_one_even_when_a_worker_dies(d
     assert _files(survived) == _files(local)
 
 
+def _missing_file(chunk):
+    return open(chunk[0], "rb").read()
+
+
+def test_the_work_s_own_errors_on_the_workers_are_theirs_and_not_retried(dask_cluster, tmp_path, s3_bucket):
+    import boto3
+
+    from multitag.compute import executor, map_chunks
+    from multitag.errors import ClusterError, exit_code
+
+    address, _, _ = dask_cluster
+    compute = ComputeParams(dask=address)
+    with executor(compute) as client, pytest.raises(ClusterError) as err:
+        list(map_chunks(_missing_file, [str(tmp_path / "nowhere.jpg")], client, 1, compute))
+    assert f"on the workers of the Dask cluster at {address}: FileNotFoundError" in str(err.value)
+    assert "same path as this machine" in str(err.value) and exit_code(err.value) == 1  # not EXIT_TRANSIENT
+
+    p = _photos(tmp_path / "data", n=4)  # this machine has AWS credentials (s3_bucket), the workers none
+    for f in (tmp_path / "data/images").iterdir():
+        boto3.client("s3").upload_file(str(f), s3_bucket, f"images/{f.name}")
+    p = p.model_copy(update={"images": f"s3://{s3_bucket}/images"})
+    ws = Layout(tmp_path / "ws")
+    with pytest.raises(ClusterError, match="on the workers of the Dask cluster.*no usable AWS credentials.*"
+                                           "the workers need their own AWS credentials"):
+        ingest(p, ws, compute=compute)
+    assert not ws.prepared.exists()
+    ingest(p, Layout(tmp_path / "here"))  # this machine reads them
+
+
+def test_a_cluster_that_loses_its_workers_or_its_scheduler_ends_the_run_in_one_paragraph(tmp_path, capfd, caplog):
+    address, scheduler, [worker] = start_dask(tmp_path / "dask", workers=1)
+    _photos(tmp_path / "data", n=60, shape=(1200, 1600))  # slow enough to decode for the faults to come midway
+    p = IngestParams(annotations=str(tmp_path / "data/labels.csv"), images=str(tmp_path / "data/images"),
+                     image_size=16)
+    compute = ComputeParams(dask=address, chunk=2, worker_wait_s=3)
+
+    def on_progress(kill):  # the fault comes once the first results are in
+        class Fault(logging.Handler):
+            def emit(self, record):
+                if "chunks of" in record.getMessage():
+                    kill()
+        return Fault()
+
+    caplog.set_level(logging.INFO, "multitag.ingest")  # its progress lines
+    ingest_log = logging.getLogger("multitag.ingest")
+    fault = on_progress(lambda: worker.poll() is None and os.killpg(worker.pid, signal.SIGKILL))
+    ingest_log.addHandler(fault)
+    start = time.time()
+    try:
+        with pytest.raises(ComputeError, match=f"no Dask worker has been connected to the scheduler at {address} for "
+                                               "3 s \\(compute.worker_wait_s\\)"):
+            ingest(p, Layout(tmp_path / "alone"), compute=compute)
+        waited = time.time() - start
+        worker = start_worker(address, tmp_path / "dask", "w1", None)
+        wait_for_workers(address, 1, tmp_path / "dask/s.log")
+        ingest_log.removeHandler(fault)
+        fault = on_progress(lambda: scheduler.poll() is None and os.killpg(scheduler.pid, signal.SIGKILL))
+        ingest_log.addHandler(fault)
+        capfd.readouterr()
+        with pytest.raises(ComputeError, match=f"the Dask cluster at {address} went away midway"):
+            ingest(p, Layout(tmp_path / "lost"), compute=compute)
+        assert "Traceback" not in capfd.readouterr().err  # distributed's own tracebacks are not shown
+    finally:
+        ingest_log.removeHandler(fault)
+        for proc in (worker, scheduler):
+            stop_process_group(proc)
+    assert waited < 60  # a run with no worker ends (Dask alone waits forever)
+    assert not (tmp_path / "alone/data/prepared").exists() and not (tmp_path / "lost/data/prepared").exists()
+
+
 def test_an_unreachable_scheduler_is_named_before_any_work(tmp_path):
     p = _photos(tmp_path / "data", n=4)
     ws = Layout(tmp_path / "ws")
@@ -102,18 +194,19 @@ def test_an_unreachable_scheduler_is_named_before_any_work(tmp_path):
     assert not ws.prepared.exists() and not ws.ingest_summary.exists()
 
 
-def test_predict_on_a_dask_cluster_equals_the_local_one(dask_cluster, tmp_path):
+def test_predict_on_a_dask_cluster_equals_the_local_one(dask_cluster, tmp_path, monkeypatch):
     from multitag.models import build_model, save_model_file
     from multitag.predict import predict_folder
     from multitag.storage import LocalStore
 
-    address, _ = dask_cluster
+    address, _, _ = dask_cluster
     _photos(tmp_path / "data", n=40)
     (tmp_path / "data/images/bad.jpg").write_bytes(b"junk")
     save_model_file(tmp_path / "m.pt", arch="compact_cnn", labels=list("abc"), image_size=16,
                     state_dict=build_model("compact_cnn", 3, 16).state_dict())
     store = LocalStore(tmp_path / "store")
-    args = (tmp_path / "data/images", str(tmp_path / "m.pt"), store, "m")
+    monkeypatch.chdir(tmp_path)  # a relative folder: the workers run in another one
+    args = ("data/images", str(tmp_path / "m.pt"), store, "m")
     predict_folder(*args, tmp_path / "local.csv")
     out = predict_folder(*args, tmp_path / "cluster.parquet", compute=ComputeParams(dask=address, chunk=7))
     assert out["failed"] == 1 and out["predicted"] == 40
@@ -121,6 +214,32 @@ def test_predict_on_a_dask_cluster_equals_the_local_one(dask_cluster, tmp_path):
     cluster = pd.read_parquet(tmp_path / "cluster.parquet")
     assert local["image"].tolist() == cluster["image"].tolist()
     assert np.abs(local["p_a"].replace("", np.nan).astype(float) - cluster["p_a"].astype(float)).max() < 1e-5
+
+
+def test_workers_that_run_other_code_are_refused_with_the_versions_named(dask_cluster, tmp_path):
+    import shutil
+
+    from multitag.compute import executor
+    from multitag.errors import ClusterError
+
+    address, _, folder = dask_cluster
+    other = tmp_path / "checkout"
+    shutil.copytree(ROOT / "multitag", other / "multitag")
+    with (other / "multitag/metrics.py").open("a") as f:
+        f.write("\n# another checkout of the same version\n")
+    from distributed import Client
+    with Client(address, timeout=5) as c:
+        workers = len(c.nthreads())
+    odd = start_worker(address, folder, "odd", {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                                                 "PYTHONPATH": str(other)})
+    try:
+        wait_for_workers(address, workers + 1, folder / "odd.log")
+        with pytest.raises(ClusterError, match=r"runs other versions than this machine.*: multitag 0\.1\.0 "
+                                               r"\(code \w+\) \(here 0\.1\.0 \(code \w+\)\)"):
+            with executor(ComputeParams(dask=address)):
+                pass
+    finally:
+        stop_process_group(odd)
 
 
 def test_two_torchrun_nodes_train_the_same_weights_and_a_lonely_node_stops_in_time(data, tmp_path):

@@ -140,6 +140,7 @@ def stage(name: Annotated[Stage, typer.Argument(help="Stage to run (what dvc.yam
         _run_stage(name.value, workdir)
     except KeyboardInterrupt:
         log.error("stage %s interrupted", name.value)
+        _terminate_children()  # e.g. torchrun and its workers
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 

@@ -4,8 +4,12 @@ that runs it on N GPU nodes.
 ``train.nodes: N`` (N > 1) makes the train stage a torchrun launch that meets N-1 others at
 ``train.rdzv_endpoint`` (``host:port``; every node uses the same one and the same
 ``train.rdzv_id``), ``train.devices`` processes per node, gloo on CPU and NCCL on GPUs. A node that
-never arrives ends every launch with torchrun's rendezvous error after ``train.join_timeout_s``
-instead of a hang. The process of global rank 0 alone writes checkpoints, the model and the reports.
+never arrives, or a rendezvous host that does not answer, ends every launch with torchrun's
+rendezvous error after about ``train.join_timeout_s`` instead of a hang. One process writes
+checkpoints, the model and the reports: local rank 0 of the node started with
+``MULTITAG_NODE_RANK=0`` (on Kubernetes, pod 0), else of the node that hosts the rendezvous endpoint
+(torchrun's own rank 0 is whichever node joined first). The checkpoint of a run on several nodes is
+kept in the store as well, so that after a restart every rank resumes from the same one.
 
 On Kubernetes a Prefect flow run is one pod, so the train stage (``train.launcher: kubernetes``)
 submits an Indexed Job of ``train.nodes`` pods behind a headless Service (pod 0's DNS name is the
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -34,7 +39,8 @@ JOB_PORT = 29500
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 OUTPUTS = ["models/model.pt", "reports/train.json", "reports/train_history.csv"]  # what rank 0 uploads
-UPLOAD_ENV = "MULTITAG_UPLOAD"  # set on Kubernetes training pods: where rank 0 puts its outputs
+UPLOAD_ENV = "MULTITAG_UPLOAD"  # set on Kubernetes training pods: where the writer puts its outputs
+NODE_RANK_ENV = "MULTITAG_NODE_RANK"  # which node writes the outputs: the one where it is 0
 
 
 def needs_launch(t) -> bool:
@@ -49,7 +55,9 @@ def launch(params: Params, layout) -> None:
     t = params.train
     if t.launcher == "kubernetes" and t.nodes > 1:
         return run_on_kubernetes(params, layout)
-    code = subprocess.call(torchrun_command(params, str(layout.root)))
+    # not subprocess.call: on Ctrl-C it kills torchrun at once, which leaves torchrun's workers running;
+    # the CLI ends them all (multitag.cli._terminate_children)
+    code = subprocess.Popen(torchrun_command(params, str(layout.root))).wait()
     if code:
         where = (f"; the {t.nodes} nodes must all reach {t.rdzv_endpoint} (rdzv_id {t.rdzv_id}) within "
                  f"train.join_timeout_s ({t.join_timeout_s:g} s)") if t.nodes > 1 else ""
@@ -57,17 +65,46 @@ def launch(params: Params, layout) -> None:
     return None
 
 
-def upload_outputs(params: Params, layout) -> None:
-    """On a Kubernetes training pod ($MULTITAG_UPLOAD set), global rank 0 puts the training outputs in
+def upload_outputs(store, layout) -> None:
+    """On a Kubernetes training pod ($MULTITAG_UPLOAD set), the writer puts the training outputs in
     the store, for the train stage that submitted the Job to take."""
     prefix = os.environ.get(UPLOAD_ENV)
-    if not prefix or os.environ.get("RANK", "0") != "0":
+    if not prefix:
         return
-    from multitag.storage import open_store
-    store = open_store(params.store.uri, layout.root)
     for out in OUTPUTS:
         store.put_file(f"{prefix}/{out}", layout.root / out)
     log.info("uploaded the training outputs to %s", store.url(prefix))
+
+
+def node_rank(endpoint: str | None) -> int:
+    """This node's rank in choosing which node writes: $MULTITAG_NODE_RANK, else the pod's index in
+    an Indexed Job, else 0 on the machine that hosts the rendezvous endpoint and 1 on the others."""
+    for var in (NODE_RANK_ENV, "JOB_COMPLETION_INDEX"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0 if endpoint and _is_this_machine(endpoint.rpartition(":")[0]) else 1
+
+
+def _is_this_machine(host: str) -> bool:
+    try:
+        address = socket.gethostbyname(host)
+        with socket.socket() as s:
+            s.bind((address, 0))  # only an address of this machine can be bound
+        return True
+    except OSError:
+        return False
+
+
+def writer_rank(endpoint: str | None) -> int:
+    """The global rank that writes checkpoints, the model and the reports: local rank 0 of the node
+    of lowest node_rank (ties: the lower global rank). torchrun gives rank 0 to whichever node joins
+    first; this does not depend on it. Every rank must call it (a collective)."""
+    import torch.distributed as dist
+
+    mine = (node_rank(endpoint), int(os.environ.get("LOCAL_RANK", "0")), dist.get_rank())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return min(everyone)[2]
 
 
 def torchrun_command(params: Params, workdir: str, module: str = "multitag.cli") -> list[str]:
@@ -78,7 +115,9 @@ def torchrun_command(params: Params, workdir: str, module: str = "multitag.cli")
             raise ValueError("train.rdzv_endpoint: set host:port, the same on every node, to train on "
                              f"{t.nodes} nodes")
         where = [f"--nnodes={t.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={t.rdzv_endpoint}",
-                 f"--rdzv-id={t.rdzv_id}", f"--rdzv-conf=join_timeout={int(t.join_timeout_s)}"]
+                 f"--rdzv-id={t.rdzv_id}",
+                 # the whole join, reaching the endpoint's store included (its own default is 60 s)
+                 f"--rdzv-conf=join_timeout={int(t.join_timeout_s)},read_timeout={int(t.join_timeout_s)}"]
     else:
         where = ["--standalone"]
     return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={t.devices}",

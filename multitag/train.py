@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from multitag import distributed
 from multitag.augment import augment, mixup
 from multitag.config import Params, TrainParams
 from multitag.dataset import load_split, select_device
@@ -43,6 +44,7 @@ from multitag.models import (MLDecoder, build_model, load_registered, predict_sc
                              state_digest, to_input)
 from multitag.registry import open_registry
 from multitag.report import read_json, write_csv, write_json
+from multitag.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +119,24 @@ def load_data(p: TrainParams, layout: Layout) -> TrainData:
 
 
 class Checkpointer:
-    """The checkpoint of an interrupted run: written atomically after every epoch (by the lead process
-    only) and resumed only when its fingerprint (params, data, training code, starting weights) matches."""
+    """The checkpoint of an interrupted run: written atomically after every epoch (by the writing
+    process only) and resumed only when its fingerprint (params, data, training code, starting
+    weights) matches. A run on several nodes (``store`` given) keeps it in the store too, where every
+    node finds it after a restart, and every rank resumes from the writer's copy."""
 
-    def __init__(self, path: Path, fingerprint: str, lead: bool = True):
-        self.path, self.fingerprint, self.lead = path, fingerprint, lead
+    def __init__(self, path: Path, fingerprint: str, writer: int = 0, store=None):
+        self.path, self.fingerprint, self.writer, self.store = path, fingerprint, writer, store
+        self.lead = not dist.is_initialized() or dist.get_rank() == writer
+        self.key = f"checkpoints/{fingerprint[:16]}.pt"
 
     def load(self) -> dict | None:
+        ckpt = self._load() if self.lead else None
+        return _shared(ckpt, self.writer) if dist.is_initialized() else ckpt
+
+    def _load(self) -> dict | None:
+        if self.store is not None and self.store.exists(self.key):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.store.get_file(self.key, self.path)
         if not self.path.exists():
             return None
         ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -139,6 +152,8 @@ class Checkpointer:
                          "generator": run.gen.get_state(), "torch_rng": torch.get_rng_state(),
                          "ema": run.ema.state_dict() if run.ema else None, "best_weights": best_weights,
                          "state": asdict(state)}, self.path)
+            if self.store is not None:
+                self.store.put_file(self.key, self.path)
 
     @staticmethod
     def restore(run: Run, ckpt: dict) -> tuple[TrainState, dict]:
@@ -378,14 +393,29 @@ def fit_epochs(p: TrainParams, data: TrainData, model: nn.Module, device: torch.
     return epochs, round(epochs * per_epoch + compiling, 1)
 
 
-def _rank0(value):
-    """Rank 0's ``value`` on every rank under DDP (timed plans differ between processes, yet every
-    rank must run the same epochs), else ``value``."""
+def _shared(value, src: int = 0):
+    """Rank ``src``'s ``value`` on every rank under DDP (timed plans and validation scores may differ
+    between processes, yet every rank must run the same epochs and keep the same weights), else
+    ``value``."""
     if not dist.is_initialized():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def average_buffers(run: Run) -> None:
+    """Under DDP on CPU, where gloo has no SyncBatchNorm, average the float buffers (BatchNorm's
+    running statistics) of the model and of its EMA over the ranks after each epoch: each rank
+    updated them from its own batches, and the ranks must validate and keep the same weights. (The
+    update is linear, so the mean is the running mean SyncBatchNorm would keep.)"""
+    if not dist.is_initialized() or run.device.type == "cuda":  # CUDA: SyncBatchNorm (build)
+        return
+    names = [name for name, b in run.model.named_buffers() if b.dtype.is_floating_point]
+    buffers = dict(run.model.named_buffers())
+    for t in [buffers[n] for n in names] + ([run.ema.state[n] for n in names] if run.ema else []):
+        dist.all_reduce(t)
+        t.div_(dist.get_world_size())
 
 
 def replan(run: Run, state: TrainState, p: TrainParams, n_train: int, left: float, epoch_seconds: float) -> None:
@@ -397,7 +427,7 @@ def replan(run: Run, state: TrainState, p: TrainParams, n_train: int, left: floa
     new count and set to the step reached."""
     # at least one epoch more, in which the schedule anneals (rather than stop at its peak)
     epochs = state.epoch + max(1, int(left * 0.95 // epoch_seconds)) if epoch_seconds > 0 else state.epochs
-    epochs = _rank0(min(epochs, 10_000))
+    epochs = _shared(min(epochs, 10_000))
     if epochs == state.epochs:
         return
     log.info("time budget: epoch %d took %.1f s: %d epochs planned instead of %d", state.epoch, epoch_seconds,
@@ -454,25 +484,29 @@ def _record(state: TrainState, run: Run, val: dict, loss: float, p: TrainParams)
 
 
 def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry=None,
-          stop_after_epochs: int | None = None) -> TrainResult:
+          stop_after_epochs: int | None = None, store=None) -> TrainResult:
     """Train and write ``models/model.pt`` (the best validation-mAP weights), ``reports/train.json``
     and the per-epoch history; timings go to the run log (``.multitag/runs/train.json``).
 
     ``init_from``: a registered version to fine-tune from (``registry`` holds it).
-    ``stop_after_epochs`` ends the run early as if interrupted (used to test resuming)."""
+    ``stop_after_epochs`` ends the run early as if interrupted (used to test resuming).
+    ``store``: on several nodes, where the checkpoint is kept for every node (and on a Kubernetes
+    training pod, where the writer puts the outputs)."""
     start = time.time()
     device = select_device(p.device)
+    writer = 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torch.distributed.run (train.devices > 1)
         device = _init_distributed(device)
-    lead = not dist.is_initialized() or dist.get_rank() == 0  # writes checkpoints, model and reports
+        writer = distributed.writer_rank(p.rdzv_endpoint if p.nodes > 1 else None)
     data = load_data(p, layout)
     torch.manual_seed(p.seed)  # the initial weights, then dropout
-    checkpointer = Checkpointer(layout.checkpoint, fingerprint(p, layout, init_from), lead)
+    checkpointer = Checkpointer(layout.checkpoint, fingerprint(p, layout, init_from), writer, store)
+    lead = checkpointer.lead  # writes checkpoints, model and reports
     model, source, ckpt = resolve_init(p, data, init_from, registry, checkpointer)
     if ckpt:
         epochs, planned = ckpt["state"]["epochs"], ckpt["state"]["planned_seconds"]
     elif p.time_budget_s:
-        epochs, planned = _rank0(fit_epochs(p, data, model, device, p.time_budget_s - (time.time() - start)))
+        epochs, planned = _shared(fit_epochs(p, data, model, device, p.time_budget_s - (time.time() - start)))
     else:
         epochs, planned = p.epochs, None
     run = build(p, data, model, device, epochs)
@@ -490,7 +524,8 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
         for t in run.model.parameters():  # a frozen backbone: only the label head learns
             t.requires_grad_(not frozen or any(t is h for h in head))
         loss = train_one_epoch(run, data, p, state.epoch)
-        val = validate(run, data, p)
+        average_buffers(run)
+        val = _shared(validate(run, data, p))  # one decision for every rank: best weights, early stopping
         if _record(state, run, val, loss, p):
             weights = run.ema.state if val["kept"] == "ema" else run.model.state_dict()
             best_weights = {k: v.detach().cpu().clone() for k, v in weights.items()}
@@ -512,8 +547,8 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
                "planned_seconds": state.planned_seconds, "seconds": elapsed} if p.time_budget_s else {})
     result = TrainResult(state.epoch, state.best_epoch, state.best_map, state.stopped, **budget)
     if dist.is_initialized():
-        log.info("rank %d/%d: final weights sha256 %s", dist.get_rank(), dist.get_world_size(),
-                 state_digest(run.model.state_dict())[:16])
+        log.info("rank %d/%d: final weights sha256 %s%s", dist.get_rank(), dist.get_world_size(),
+                 state_digest(run.model.state_dict())[:16], " (writes the outputs)" if lead else "")
         dist.barrier()
         dist.destroy_process_group()
     if lead:
@@ -524,6 +559,8 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
         write_json(layout.train_summary, asdict(result))
         write_json(layout.run_log / "train.json", {"device": str(device), "start": source, "resumed_from_epoch": resumed,
                                                     "seconds": elapsed, "epoch_seconds": seconds})
+        if store is not None:
+            distributed.upload_outputs(store, layout)
     return result
 
 
@@ -531,11 +568,8 @@ def run(params: Params, layout: Layout) -> TrainResult | None:
     """The train stage as dvc.yaml runs it: training in this process; or, with train.devices > 1 or
     train.nodes > 1 (and not already started by torchrun), the launch multitag/distributed.py makes of
     this stage on several processes, nodes or Kubernetes pods."""
-    from multitag import distributed
-
     if distributed.needs_launch(params.train):
         return distributed.launch(params, layout)
     registry = open_registry(params, layout.root) if params.lineage.init_from else None
-    result = train(params.train, layout, params.lineage.init_from, registry)
-    distributed.upload_outputs(params, layout)
-    return result
+    store = open_store(params.store.uri, layout.root) if params.train.nodes > 1 else None
+    return train(params.train, layout, params.lineage.init_from, registry, store=store)

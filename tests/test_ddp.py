@@ -14,7 +14,7 @@ from tests.conftest import BIN, ROOT, copy_data, run
 def test_two_process_gloo_training_keeps_replicas_in_sync(data, tmp_path):
     ws = copy_data(data, tmp_path / "ws").root
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(model="simple_cnn", epochs=2, batch_size=8, device="cpu", devices=2, time_budget_s=8)
+    params["train"].update(epochs=2, batch_size=8, device="cpu", devices=2, time_budget_s=8)
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
     proc = run([str(BIN / "multitag"), "stage", "train"], ws, env={"OMP_NUM_THREADS": "1"})
     log = proc.stdout + proc.stderr
@@ -24,4 +24,4 @@ def test_two_process_gloo_training_keeps_replicas_in_sync(data, tmp_path):
     last = re.findall(r"epoch (\d+)/(\d+) ", log)[-1]
     assert last[0] == last[1] and (ws / "models" / "model.pt").exists()  # the planned epochs all ran
     model = torch.load(ws / "models" / "model.pt", weights_only=True)
-    assert model["arch"] == "simple_cnn" and model["params"]["devices"] == 2
+    assert model["arch"] == "compact_cnn" and model["params"]["devices"] == 2

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -217,8 +218,6 @@ def test_predict_on_a_dask_cluster_equals_the_local_one(dask_cluster, tmp_path, 
 
 
 def test_workers_that_run_other_code_are_refused_with_the_versions_named(dask_cluster, tmp_path):
-    import shutil
-
     from multitag.compute import executor
     from multitag.errors import ClusterError
 
@@ -242,30 +241,81 @@ def test_workers_that_run_other_code_are_refused_with_the_versions_named(dask_cl
         stop_process_group(odd)
 
 
-def test_two_torchrun_nodes_train_the_same_weights_and_a_lonely_node_stops_in_time(data, tmp_path):
-    port = free_port()
-    nodes = [copy_data(data, tmp_path / f"node{i}") for i in range(2)]
+def _nodes(data, root, store, port, **train) -> list:
+    """Two workspaces with the same data and params: two machines about to train as two nodes,
+    with the default model (BatchNorm), meeting at 127.0.0.1:port, sharing the store ``store``."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(model="simple_cnn", epochs=2, batch_size=8, device="cpu", nodes=2,
-                           rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id="test", join_timeout_s=60)
+    params["store"]["uri"] = str(store)
+    params["train"].update({"epochs": 4, "batch_size": 8, "device": "cpu", "nodes": 2, "rdzv_id": "test",
+                            "rdzv_endpoint": f"127.0.0.1:{port}", "join_timeout_s": 60, **train})
+    assert params["train"]["model"] == "compact_cnn"
+    nodes = [copy_data(data, root / f"node{i}") for i in range(2)]
     for ws in nodes:
         (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+    return nodes
+
+
+def _start_nodes(nodes) -> list[subprocess.Popen]:
+    """`multitag stage train` on each node; the second one started is the one told to write
+    (MULTITAG_NODE_RANK=0), though torchrun ranks the node that joins first as rank 0."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([str(BIN / "multitag"), "stage", "train"], cwd=ws.root, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for ws in nodes]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
+    procs = []
+    for i, ws in enumerate(nodes):
+        procs.append(subprocess.Popen([str(BIN / "multitag"), "stage", "train"], cwd=ws.root, text=True,
+                                      env={**env, "MULTITAG_NODE_RANK": str(1 - i)}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+        time.sleep(1)
+    return procs
+
+
+def _final_weights(procs) -> str:
+    logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     shas = dict(m for log in logs for m in re.findall(r"rank (\d)/2: final weights sha256 (\w+)", log))
-    assert set(shas) == {"0", "1"} and shas["0"] == shas["1"]  # two machines, one model
-    assert sum(ws.model.exists() for ws in nodes) == 1  # rank 0 alone wrote it
+    assert set(shas) == {"0", "1"} and shas["0"] == shas["1"], shas  # two machines, one model
+    assert "(writes the outputs)" in logs[1]
+    return shas["0"]
 
-    lonely = copy_data(data, tmp_path / "lonely")
-    params["train"].update(rdzv_endpoint=f"127.0.0.1:{free_port()}", join_timeout_s=10)
-    (lonely.root / "params.yaml").write_text(yaml.safe_dump(params))
-    start = time.time()
-    proc = run([str(BIN / "multitag"), "stage", "train"], lonely.root, check=False, timeout=120)
-    assert proc.returncode == 1 and time.time() - start < 90
-    assert "the 2 nodes must all reach 127.0.0.1" in proc.stderr and "train.join_timeout_s (10 s)" in proc.stderr
+
+def test_two_torchrun_nodes_train_the_default_model_to_the_same_weights_and_resume_together(data, tmp_path):
+    import psutil
+
+    whole = _nodes(data, tmp_path / "whole", tmp_path / "store-whole", free_port())
+    sha = _final_weights(_start_nodes(whole))
+    assert [ws.model.exists() for ws in whole] == [False, True]  # the node told to write, not torchrun's rank 0
+
+    cut = _nodes(data, tmp_path / "cut", tmp_path / "store-cut", free_port())
+    procs = _start_nodes(cut)
+    checkpoints = tmp_path / "store-cut/checkpoints"
+    deadline = time.time() + 240
+    while not (checkpoints.exists() and any(checkpoints.iterdir())) and time.time() < deadline:
+        time.sleep(0.2)
+    children = [c for p in procs for c in psutil.Process(p.pid).children(recursive=True)]
+    assert len(children) >= 4  # each node: torchrun and its worker
+    for p in procs:
+        p.send_signal(signal.SIGINT)  # to `multitag stage train` alone, as a scheduler stops it
+    assert [p.wait(60) for p in procs] == [130, 130]
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [c.cmdline() for c in alive]  # torchrun and its workers ended with the stage
+    for ws in cut:  # a restart on other disks: the checkpoint is taken from the store
+        shutil.rmtree(ws.root / ".multitag", ignore_errors=True)
+    resumed = _start_nodes(cut)
+    assert _final_weights(resumed) == sha  # interrupted and resumed on 2 nodes = uninterrupted
+    log = json.loads((cut[1].run_log / "train.json").read_text())
+    assert log["resumed_from_epoch"] >= 1 and log["start"].startswith("resumed from")
+
+
+def test_a_node_whose_partner_or_rendezvous_never_comes_stops_in_time(data, tmp_path):
+    for endpoint in (f"127.0.0.1:{free_port()}", "10.255.255.1:29500"):  # no partner; no host that answers
+        [lonely, _] = _nodes(data, tmp_path / endpoint.replace(":", "-"), tmp_path / "store", 0, join_timeout_s=10)
+        params = yaml.safe_load((lonely.root / "params.yaml").read_text())
+        params["train"]["rdzv_endpoint"] = endpoint
+        (lonely.root / "params.yaml").write_text(yaml.safe_dump(params))
+        start = time.time()
+        proc = run([str(BIN / "multitag"), "stage", "train"], lonely.root, check=False, timeout=120)
+        assert proc.returncode == 1 and time.time() - start < 45, (endpoint, time.time() - start)
+        assert f"the 2 nodes must all reach {endpoint}" in proc.stderr
+        assert "train.join_timeout_s (10 s)" in proc.stderr
 
 
 def _validated(manifest: dict, kind: str):

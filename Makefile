@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test ui chromium clean
+.PHONY: setup demo test ui chromium clean lock
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ ui: setup
 # run would restore the register stage's report of a registration the deleted store no longer holds),
 # and lineage.yaml back to its defaults (the inbox and its archive are left alone: they hold what
 # people dropped there).
+# infra/requirements.lock, the image's hashed dependency set, after a change to pyproject.toml
+lock: setup
+	$(BIN)/python infra/lock.py
+
 clean:
 	rm -rf data models reports store .multitag predictions.csv .dvc/cache/runs
 	$(BIN)/python -c "from multitag.lineage import reset_lineage; reset_lineage('.')"

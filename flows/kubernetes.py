@@ -5,7 +5,8 @@ is named prefect-job); multi-node training is a separate Indexed Job (multitag/d
 Added job variables: ``gpus`` (the container's ``nvidia.com/gpu`` limit: a string, as Kubernetes'
 resource quantities are), ``node_selector`` and ``tolerations`` (GPU nodes), ``shm_size`` (``/dev/shm``
 as a memory-backed emptyDir, for DataLoader workers), ``aws_secret_name`` (AWS credentials only
-through ``envFrom`` a Secret), with CPU and memory requests. ``infra/kubernetes/base-job-template.json``
+through ``envFrom`` a Secret), with CPU and memory requests; the pod runs as the image's non-root user
+under the Pod Security "restricted" profile, with infra/kubernetes/rbac.yaml's ServiceAccount. ``infra/kubernetes/base-job-template.json``
 is this template written out for ``prefect work-pool create --base-job-template`` (a test keeps the
 two equal).
 """
@@ -16,7 +17,7 @@ import copy
 import json
 from pathlib import Path
 
-from multitag.distributed import GPU_NODE_SELECTOR, GPU_TOLERATIONS
+from multitag.distributed import CONTAINER_SECURITY, GPU_NODE_SELECTOR, GPU_TOLERATIONS, POD_SECURITY
 
 TEMPLATE_FILE = Path(__file__).resolve().parents[1] / "infra" / "kubernetes" / "base-job-template.json"
 
@@ -35,7 +36,8 @@ VARIABLES = {
                         "description": "A Kubernetes Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and "
                                        "AWS_ENDPOINT_URL for MinIO), passed to the pod with envFrom."},
 }
-DEFAULTS = {"cpu_request": "4", "memory_request": "16Gi", "memory_limit": "32Gi"}
+# service_account_name: infra/kubernetes/rbac.yaml's, which may run the multi-node training Job
+DEFAULTS = {"cpu_request": "4", "memory_request": "16Gi", "memory_limit": "32Gi", "service_account_name": "multitag-flow"}
 
 
 def base_job_template() -> dict:
@@ -54,7 +56,11 @@ def base_job_template() -> dict:
     pod["nodeSelector"] = "{{ node_selector }}"
     pod["tolerations"] = "{{ tolerations }}"
     pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "{{ shm_size }}"}}]
+    # Pod Security "restricted"; the root file system stays writable: the deployment's pull step
+    # clones the project into the working directory
+    pod["securityContext"] = copy.deepcopy(POD_SECURITY)
     container = pod["containers"][0]
+    container["securityContext"] = copy.deepcopy(CONTAINER_SECURITY)
     container["resources"]["limits"]["nvidia.com/gpu"] = "{{ gpus }}"
     container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     container["envFrom"] = [{"secretRef": {"name": "{{ aws_secret_name }}"}}]

@@ -10,7 +10,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+import multitag
+from multitag.compute import code_digest
 from multitag.config import load_params
+from multitag.errors import LineageError
 from multitag.layout import PIPELINE, Layout
 from multitag.lineage import record_store
 from tasks.dvc import push
@@ -25,11 +28,25 @@ def run_name(kind: str):
     return name
 
 
+def check_code(ws: Layout) -> None:
+    """Refuse a workspace whose multitag code differs from the multitag running (a flow-run pod's
+    image, built from another commit than the one its pull step cloned): DVC would record the
+    workspace's code as what made the outputs while other code made them."""
+    mine, theirs = Path(multitag.__file__).parent, Path(ws.root) / "multitag"
+    if not theirs.is_dir() or theirs.resolve() == mine.resolve() or code_digest(theirs) == code_digest():
+        return
+    raise LineageError(f"the workspace's multitag code (code {code_digest(theirs)}, {theirs}) differs from the "
+                       f"multitag that runs it ({multitag.__version__}, code {code_digest()}, {mine}): build the "
+                       "image from the workspace's commit (infra/Dockerfile), or install this checkout "
+                       "(pip install -e .)")
+
+
 @flow(name="training-pipeline", flow_run_name=run_name("train"))
 def training_pipeline(workdir: str = ".") -> dict:
     """Run every stage in the DVC workspace ``workdir``, then push to the DVC remote if one is set;
     returns a summary of the run."""
     ws = Layout(workdir)
+    check_code(ws)
     record_store(ws, load_params(ws.params))  # $MULTITAG_STORE_URI, where DVC sees it
     out = {name: stage_task(name)(name, workdir) for name in PIPELINE}
     data, vocab, fit, metrics, reg = (out[name] for name in ("ingest", "labels", "train", "evaluate", "register"))

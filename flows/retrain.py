@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
-from flows.pipeline import run_name, training_pipeline
+from flows.pipeline import check_code, run_name, training_pipeline
 from flows.retrain_steps import commit_message, commit_paths, dvc_hash, load_state, plan, retrain_lock, save_state
 from multitag.config import load_params
 from multitag.drift import check_batch, record
@@ -71,6 +71,7 @@ def retrain(workdir: str = ".", force: bool = False) -> dict:
     """Take in new batches and retrain when at least retrain.min_new_images arrived (or ``force``)."""
     logger = get_run_logger()
     ws = Layout(Path(workdir).resolve())
+    check_code(ws)
     with retrain_lock(ws.root):
         params = load_params(ws.params)
         raw = params.retrain.raw.rstrip("/")

@@ -51,6 +51,15 @@ def _client(spec: str):
                            "machine can reach it") from None
 
 
+def code_digest(package: Path | None = None) -> str:
+    """sha256 (12 hex digits) of multitag's .py files in ``package`` (default: the one imported)."""
+    import multitag
+    code = hashlib.sha256()
+    for path in sorted((package or Path(multitag.__file__).parent).glob("*.py")):
+        code.update(path.name.encode() + path.read_bytes())
+    return code.hexdigest()[:12]
+
+
 @cache
 def versions() -> dict[str, str]:
     """What must be the same on this machine and every worker for their results to equal: Python,
@@ -61,10 +70,7 @@ def versions() -> dict[str, str]:
     import torch
 
     import multitag
-    code = hashlib.sha256()
-    for path in sorted(Path(multitag.__file__).parent.glob("*.py")):
-        code.update(path.name.encode() + path.read_bytes())
-    return {"python": sys.version.split()[0], "multitag": f"{multitag.__version__} (code {code.hexdigest()[:12]})",
+    return {"python": sys.version.split()[0], "multitag": f"{multitag.__version__} (code {code_digest()})",
             "torch": torch.__version__, "Pillow": PIL.__version__, "numpy": numpy.__version__}
 
 

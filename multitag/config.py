@@ -131,6 +131,9 @@ class KubernetesJobParams(_Section):
     gpus: int = Field(1, ge=0)          # per node (pod)
     aws_secret: str = "multitag-aws"    # a Secret with the AWS credentials, passed with envFrom
     shm_size: str = "8Gi"
+    deadline_s: int = Field(86400, ge=60)         # the Job's activeDeadlineSeconds: a training that hangs ends
+    keep_finished_s: int = Field(86400, ge=0)     # ttlSecondsAfterFinished: then the Job and its pods go
+    service_account: str = "multitag-train"       # infra/kubernetes/rbac.yaml (the pods need no API access)
 
 
 class TrainParams(_Section):
@@ -169,6 +172,15 @@ class TrainParams(_Section):
     compile: bool = False                 # torch.compile the model for training
     augment: AugmentParams = AugmentParams()
     eval_augment: Literal["none", "hflip"] = "none"  # test-time: average over the image and its mirror
+
+    @model_validator(mode="after")
+    def _one_process_per_gpu(self):
+        gpus = self.kubernetes.gpus
+        if self.launcher == "kubernetes" and gpus and gpus != self.devices:
+            raise ValueError(f"train.kubernetes.gpus ({gpus}) must equal train.devices ({self.devices}): each "
+                             f"node runs one training process per GPU, so {abs(gpus - self.devices)} would be "
+                             f"{'idle' if gpus > self.devices else 'missing'}; set both to the GPUs of a node")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -249,6 +261,14 @@ class Params(_Section):
     def register(self) -> RegisterParams:
         return self.register_
 
+    @model_validator(mode="after")
+    def _pods_reach_the_store(self):
+        if self.train.launcher == "kubernetes" and self.train.nodes > 1 and not self.store.uri.startswith("s3://"):
+            raise ValueError(f"train.launcher kubernetes needs store.uri on S3 (s3://bucket/prefix), not "
+                             f"{self.store.uri!r}: the training pods put the model and checkpoints there, and "
+                             "cannot reach a folder of this machine")
+        return self
+
     def dump(self) -> dict:
         """Every section as plain JSON values, keyed as in params.yaml (for model cards)."""
         return self.model_dump(mode="json", by_alias=True)
@@ -260,6 +280,10 @@ def _describe(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif e["type"] == "value_error" and not e["loc"]:  # a check across sections: its message names the keys
+            lines.append(f"  {e['ctx']['error']}")
+        elif e["type"] == "value_error":  # a check of this section's keys together: the input is the section
+            lines.append(f"  {key}: {e['ctx']['error']}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -34,10 +34,17 @@ from multitag.config import Params
 log = logging.getLogger(__name__)
 
 JOB_PORT = 29500
+MAX_RESTARTS = 3  # on Kubernetes: new rendezvous rounds after a pod is evicted or preempted
 # Where GPU pods go: the label the NVIDIA GPU operator puts on GPU nodes, and the toleration of their taint
 # (the defaults of the flow-run work pool's template too, flows/kubernetes.py).
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+# Pod Security "restricted": the image's non-root user (infra/Dockerfile), no privilege escalation, no
+# capabilities, the runtime's seccomp profile (also the flow-run pods', flows/kubernetes.py).
+IMAGE_USER = 10001
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": IMAGE_USER, "runAsGroup": IMAGE_USER, "fsGroup": IMAGE_USER,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 OUTPUTS = ["models/model.pt", "reports/train.json", "reports/train_history.csv"]  # what rank 0 uploads
 UPLOAD_ENV = "MULTITAG_UPLOAD"  # set on Kubernetes training pods: where the writer puts its outputs
 NODE_RANK_ENV = "MULTITAG_NODE_RANK"  # which node writes the outputs: the one where it is 0
@@ -107,8 +114,9 @@ def writer_rank(endpoint: str | None) -> int:
     return min(everyone)[2]
 
 
-def torchrun_command(params: Params, workdir: str, module: str = "multitag.cli") -> list[str]:
-    """The torchrun launch of one node of a multi-node (or multi-device) training."""
+def torchrun_command(params: Params, workdir: str, module: str = "multitag.cli", max_restarts: int = 0) -> list[str]:
+    """The torchrun launch of one node of a multi-node (or multi-device) training; ``max_restarts``:
+    rounds torchrun's agent starts again when a node is lost (its workers resume from the checkpoint)."""
     t = params.train
     if t.nodes > 1:
         if not t.rdzv_endpoint:
@@ -120,6 +128,8 @@ def torchrun_command(params: Params, workdir: str, module: str = "multitag.cli")
                  f"--rdzv-conf=join_timeout={int(t.join_timeout_s)},read_timeout={int(t.join_timeout_s)}"]
     else:
         where = ["--standalone"]
+    if max_restarts:
+        where.append(f"--max-restarts={max_restarts}")
     return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={t.devices}",
             "-m", module, "stage", "train", "--workdir", workdir]
 
@@ -127,19 +137,25 @@ def torchrun_command(params: Params, workdir: str, module: str = "multitag.cli")
 def indexed_job(params: Params, name: str, files: dict[str, str], upload: str) -> tuple[dict, dict, dict]:
     """(Job, headless Service, ConfigMap) of a multi-node training: ``train.nodes`` pods, completion
     mode Indexed; each puts the workspace's DVC files (``files``: dvc.yaml, dvc.lock, params, the DVC
-    remote's config) in place, pulls the prepared data with DVC and runs one torchrun node; rank 0
-    uploads OUTPUTS under ``upload`` in the store."""
+    remote's config) in place, pulls the prepared data with DVC and runs one torchrun node; the
+    writer (pod 0) uploads OUTPUTS under ``upload`` in the store.
+
+    The pods meet the Pod Security "restricted" profile with a read-only root file system (they
+    write only to /tmp and /dev/shm). A pod evicted or preempted is replaced and torchrun's agents on
+    the others start a new round (``--max-restarts``), resuming from the checkpoint in the store; a
+    training process that fails fails the Job (podFailurePolicy). The Service and ConfigMap are
+    owned by the Job (submit_and_follow), so they go with it."""
     t, k = params.train, params.train.kubernetes
     if not k.image:
         raise ValueError("train.kubernetes.image: name the image built from infra/Dockerfile")
     namespace = k.namespace
     service = {"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": name, "namespace": namespace, "labels": {"app": "multitag", "job-name": name}},
-               "spec": {"clusterIP": "None", "selector": {"job-name": name},
+               "spec": {"clusterIP": "None", "selector": {"job-name": name}, "publishNotReadyAddresses": True,
                         "ports": [{"name": "rendezvous", "port": JOB_PORT}]}}
     node = params.model_copy(update={"train": t.model_copy(update={
         "rdzv_endpoint": f"{name}-0.{name}.{namespace}.svc:{JOB_PORT}", "rdzv_id": name})})
-    launch = " ".join(torchrun_command(node, ".", "multitag.cli")[1:])  # python -m torch.distributed.run ...
+    launch = " ".join(torchrun_command(node, ".", "multitag.cli", MAX_RESTARTS)[1:])  # -m torch.distributed.run ...
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace},
                   "data": {key.replace("/", "__"): text for key, text in files.items()}}
     script = ("set -e; mkdir -p /tmp/ws/.dvc && cd /tmp/ws; "
@@ -150,19 +166,31 @@ def indexed_job(params: Params, name: str, files: dict[str, str], upload: str) -
         "ports": [{"containerPort": JOB_PORT, "name": "rendezvous"}],
         "envFrom": [{"secretRef": {"name": k.aws_secret}}],
         "env": [{"name": "DO_NOT_TRACK", "value": "1"}, {"name": "DVC_NO_ANALYTICS", "value": "1"},
-                {"name": UPLOAD_ENV, "value": upload}],
+                {"name": "HOME", "value": "/tmp"}, {"name": UPLOAD_ENV, "value": upload}],
         "resources": {"limits": {"nvidia.com/gpu": str(k.gpus)}, "requests": {"cpu": "4", "memory": "16Gi"}},
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "workspace", "mountPath": "/config"}],
+        "securityContext": {**CONTAINER_SECURITY, "readOnlyRootFilesystem": True},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "workspace", "mountPath": "/config"}],
     }
     job = {"apiVersion": "batch/v1", "kind": "Job",
            "metadata": {"name": name, "namespace": namespace, "labels": {"app": "multitag"}},
-           "spec": {"completionMode": "Indexed", "completions": t.nodes, "parallelism": t.nodes, "backoffLimit": 0,
+           "spec": {"completionMode": "Indexed", "completions": t.nodes, "parallelism": t.nodes,
+                    "backoffLimit": 0, "activeDeadlineSeconds": k.deadline_s,
+                    "ttlSecondsAfterFinished": k.keep_finished_s,
+                    "podFailurePolicy": {"rules": [
+                        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                        {"action": "FailJob", "onPodConditions": [],  # required (empty) by Kubernetes 1.28
+                         "onExitCodes": {"containerName": "train", "operator": "NotIn", "values": [0]}}]},
                     "template": {"metadata": {"labels": {"app": "multitag", "job-name": name}},
                                  "spec": {"subdomain": name, "restartPolicy": "Never", "containers": [container],
+                                          "serviceAccountName": k.service_account,
+                                          "automountServiceAccountToken": False,
+                                          "securityContext": dict(POD_SECURITY),
                                           "nodeSelector": dict(GPU_NODE_SELECTOR),
                                           "tolerations": [dict(t) for t in GPU_TOLERATIONS],
                                           "volumes": [{"name": "dshm",
                                                        "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
+                                                      {"name": "tmp", "emptyDir": {}},
                                                       {"name": "workspace", "configMap": {"name": name}}]}}}}
     return job, service, config_map
 
@@ -196,9 +224,8 @@ def run_on_kubernetes(params: Params, layout) -> None:
     name = f"multitag-train-{uuid.uuid4().hex[:8]}"
     store = open_store(params.store.uri, layout.root)
     job, service, config_map = indexed_job(params, name, workspace_files(layout), f"runs/{name}")
-    core = client.CoreV1Api()
-    core.create_namespaced_config_map(params.train.kubernetes.namespace, config_map)
-    submit_and_follow(client.BatchV1Api(), core, job, service, log.info)
+    submit_and_follow(client.BatchV1Api(), client.CoreV1Api(), job, service, config_map, log.info,
+                      timeout_s=params.train.kubernetes.deadline_s + 600)
     for out in OUTPUTS:
         store.get_file(f"runs/{name}/{out}", layout.root / out)
     log.info("took the outputs of %s from %s", name, store.url(f"runs/{name}"))
@@ -215,15 +242,21 @@ def job_state(status) -> str:
     return "running" if get("active") else "pending"
 
 
-def submit_and_follow(batch_api, core_api, job: dict, service: dict, say: Callable[[str], None],
+def submit_and_follow(batch_api, core_api, job: dict, service: dict, config_map: dict, say: Callable[[str], None],
                       poll_s: float = 5.0, timeout_s: float = 24 * 3600) -> str:
-    """Create the Service and the Job, then follow the Job until it succeeds (returned) or fails
+    """Create the Job, then its Service and ConfigMap owned by it (Kubernetes deletes them with the
+    Job; its pods wait for the ConfigMap), then follow the Job until it succeeds (returned) or fails
     (RuntimeError naming the pod and its last log lines); every change of state and rank 0's new log
     lines go to ``say``. ``batch_api`` / ``core_api``: the kubernetes client's BatchV1Api and
     CoreV1Api (or anything with the same methods)."""
     ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    created = batch_api.create_namespaced_job(ns, job)
+    # (no blockOwnerDeletion: it would need the right to update jobs/finalizers too)
+    owner = [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": created.metadata.uid}]
+    for obj in (service, config_map):
+        obj["metadata"]["ownerReferences"] = owner
     core_api.create_namespaced_service(ns, service)
-    batch_api.create_namespaced_job(ns, job)
+    core_api.create_namespaced_config_map(ns, config_map)
     say(f"submitted Job {ns}/{name}: {job['spec']['completions']} nodes")
     state, seen, deadline = None, 0, time.time() + timeout_s
     while time.time() < deadline:

@@ -318,15 +318,31 @@ def test_a_node_whose_partner_or_rendezvous_never_comes_stops_in_time(data, tmp_
         assert "train.join_timeout_s (10 s)" in proc.stderr
 
 
+KUBERNETES_VERSIONS = ("1.28.0", "1.37.0")  # the oldest and newest minor versions supported
+
+
 def _validated(manifest: dict, kind: str):
-    """The manifest as the kubernetes client's typed model, and back: a key the model does not know
-    would be dropped, so the round trip must give the manifest again."""
+    """The manifest as the kubernetes client's typed model, and back (a key the model does not know
+    would be dropped, so the round trip must give the manifest again), and against the Kubernetes
+    API's own schemas, strict, for the oldest and newest versions supported."""
+    import kubernetes_validate
     from kubernetes.client import ApiClient
 
     api = ApiClient()
     model = api.deserialize(SimpleNamespace(data=json.dumps(manifest)), kind)
     assert api.sanitize_for_serialization(model) == json.loads(json.dumps(manifest)), kind
+    named = {**manifest, "metadata": {"name": "rendered", **manifest["metadata"]}}  # a generateName gets one
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(json.loads(json.dumps(named)), version, strict=True)
     return model
+
+
+def _restricted(pod, container) -> None:
+    """Pod Security "restricted": non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp."""
+    assert pod.security_context.run_as_non_root and pod.security_context.run_as_user == 10001
+    assert pod.security_context.seccomp_profile.type == "RuntimeDefault"
+    assert container.security_context.allow_privilege_escalation is False
+    assert container.security_context.capabilities.drop == ["ALL"]
 
 
 def test_the_kubernetes_work_pool_renders_a_gpu_job(prefect_server, monkeypatch):
@@ -356,37 +372,51 @@ def test_the_kubernetes_work_pool_renders_a_gpu_job(prefect_server, monkeypatch)
     assert [m.mount_path for m in container.volume_mounts] == ["/dev/shm"]
     assert pod.node_selector == {"nvidia.com/gpu.present": "true"} and pod.tolerations[0].key == "nvidia.com/gpu"
     assert "sEcReT-in-the-env-0000" not in json.dumps(job)
+    _restricted(pod, container)
+    assert pod.service_account_name == "multitag-flow"  # infra/kubernetes/rbac.yaml
 
 
 def test_the_multi_node_training_job_renders_and_is_followed_to_its_end(tmp_path):
     from multitag.distributed import indexed_job, submit_and_follow
 
-    params = parse_params({**tiny_params(), "train": {"nodes": 3, "launcher": "kubernetes",
-                                                      "kubernetes": {"image": "registry.example.com/multitag:0.1.0",
-                                                                     "gpus": 4}}})
+    params = parse_params({**tiny_params(), "store": {"uri": "s3://models/photos"},
+                           "train": {"nodes": 3, "devices": 4, "launcher": "kubernetes",
+                                     "kubernetes": {"image": "registry.example.com/multitag:0.1.0", "gpus": 4}}})
     job, service, config_map = indexed_job(params, "multitag-train-t1", {"dvc.yaml": "stages: {}", ".dvc/config": ""},
                                            "runs/multitag-train-t1")
     model = _validated(job, "V1Job")
-    _validated(service, "V1Service")
+    assert _validated(service, "V1Service").spec.publish_not_ready_addresses  # ranks resolve before Ready
     _validated(config_map, "V1ConfigMap")
     assert (model.spec.completion_mode, model.spec.completions, model.spec.parallelism) == ("Indexed", 3, 3)
-    container = model.spec.template.spec.containers[0]
+    pod = model.spec.template.spec
+    container = pod.containers[0]
     assert container.resources.limits["nvidia.com/gpu"] == "4" and service.get("spec", {})["clusterIP"] == "None"
     script = container.command[-1]
-    assert "dvc pull data/prepared data/labels" in script and "--nnodes=3" in script
+    assert "dvc pull data/prepared data/labels" in script and "--nnodes=3" in script and "--max-restarts=3" in script
     assert "--rdzv-endpoint=multitag-train-t1-0.multitag-train-t1.default.svc:29500" in script
+    _restricted(pod, container)
+    assert container.security_context.read_only_root_filesystem and "/tmp" in [m.mount_path for m in container.volume_mounts]
+    assert pod.service_account_name == "multitag-train" and pod.automount_service_account_token is False
+    spec = model.spec
+    assert spec.active_deadline_seconds == 86400 and spec.ttl_seconds_after_finished == 86400 and spec.backoff_limit == 0
+    evicted, failed = spec.pod_failure_policy.rules  # an evicted pod is replaced, a failed training is final
+    assert (evicted.action, evicted.on_pod_conditions[0].type) == ("Ignore", "DisruptionTarget")
+    assert (failed.action, failed.on_exit_codes.operator, failed.on_exit_codes.values) == ("FailJob", "NotIn", [0])
 
     said = []
     for ending, final in (("succeeded", "succeeded"), ("failed", "failed")):
         api = FakeKubernetes(ending)
         if final == "succeeded":
-            assert submit_and_follow(api, api, job, service, said.append, poll_s=0) == "succeeded"
+            assert submit_and_follow(api, api, job, service, config_map, said.append, poll_s=0) == "succeeded"
         else:
             with pytest.raises(RuntimeError, match="(?s)failed \\(pod multitag-train-t1-1-x\\).*CUDA error"):
-                submit_and_follow(api, api, job, service, said.append, poll_s=0)
+                submit_and_follow(api, api, job, service, config_map, said.append, poll_s=0)
         assert [s for s in said if s.startswith("Job ")][-3:] == [f"Job multitag-train-t1: {s}" for s in
                                                                   ("pending", "running", final)]
-        assert "[rank 0] epoch 1/2" in said and api.created == ["Service", "Job"]
+        assert "[rank 0] epoch 1/2" in said and api.created == ["Job", "Service", "ConfigMap"]
+        for obj in (service, config_map):  # deleted with the Job
+            assert obj["metadata"]["ownerReferences"] == [{"apiVersion": "batch/v1", "kind": "Job",
+                                                           "name": "multitag-train-t1", "uid": "uid-t1"}]
         said.clear()
 
 
@@ -400,8 +430,12 @@ class FakeKubernetes:
     def create_namespaced_service(self, ns, body):
         self.created.append("Service")
 
+    def create_namespaced_config_map(self, ns, body):
+        self.created.append("ConfigMap")
+
     def create_namespaced_job(self, ns, body):
         self.created.append("Job")
+        return SimpleNamespace(metadata=SimpleNamespace(uid="uid-t1"))
 
     def read_namespaced_job_status(self, name, ns):
         self.calls += 1
@@ -421,3 +455,33 @@ class FakeKubernetes:
         if name.endswith("-1-x"):
             return "loading\nRuntimeError: CUDA error: out of memory\n"
         return "epoch 1/2\nepoch 2/2\n"[: 10 * self.calls]
+
+
+def test_kubernetes_settings_that_cannot_work_are_refused():
+    from multitag.errors import ConfigError
+
+    k8s = {"launcher": "kubernetes", "nodes": 2, "kubernetes": {"image": "i", "gpus": 8}}
+    with pytest.raises(ConfigError, match=r"train.kubernetes.gpus \(8\) must equal train.devices \(1\).*7 would be idle"):
+        parse_params({**tiny_params(), "store": {"uri": "s3://b/m"}, "train": k8s})
+    with pytest.raises(ConfigError, match="train.launcher kubernetes needs store.uri on S3.*cannot reach a folder"):
+        parse_params({**tiny_params(), "train": {**k8s, "devices": 8}})
+    parse_params({**tiny_params(), "store": {"uri": "s3://b/m"}, "train": {**k8s, "devices": 8}})
+
+
+def test_the_rbac_grants_exactly_the_calls_the_training_launcher_makes():
+    needs = {"create_namespaced_job": ("batch", "jobs", "create"),  # each API call: (group, resource, verb)
+             "read_namespaced_job_status": ("batch", "jobs/status", "get"),
+             "create_namespaced_service": ("", "services", "create"),
+             "create_namespaced_config_map": ("", "configmaps", "create"),
+             "list_namespaced_pod": ("", "pods", "list"), "read_namespaced_pod_log": ("", "pods/log", "get")}
+    calls = set(re.findall(r"\.(\w+_namespaced_\w+)\(", (ROOT / "multitag/distributed.py").read_text()))
+    assert calls == set(needs)  # a new call needs its rule here and in rbac.yaml
+    docs = list(yaml.safe_load_all((ROOT / "infra/kubernetes/rbac.yaml").read_text()))
+    kinds = {"ServiceAccount": "V1ServiceAccount", "Role": "V1Role", "RoleBinding": "V1RoleBinding"}
+    models = {(d["kind"], d["metadata"]["name"]): _validated(d, kinds[d["kind"]]) for d in docs}
+    granted = {(g, r, v) for rule in models["Role", "multitag-flow"].rules for g in rule.api_groups
+               for r in rule.resources for v in rule.verbs}
+    assert granted == set(needs.values())  # least privilege: nothing more
+    binding = models["RoleBinding", "multitag-flow"]
+    assert binding.role_ref.name == "multitag-flow" and binding.subjects[0].name == "multitag-flow"
+    assert models["ServiceAccount", "multitag-train"].automount_service_account_token is False

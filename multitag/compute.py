@@ -6,21 +6,23 @@
   path they share with this machine, or from S3 with their own credentials), so only the small decoded
   uint8 arrays travel back.
 
-Both speak ``concurrent.futures.Executor`` (``distributed.Client.get_executor()`` on a cluster), so
-the same functions run either way, in chunks of ``compute.chunk`` images (a task of a few hundred
-images keeps Dask's per-task overhead small). Dask comes with the ``scale`` extra
-(``pip install 'multitag[scale]'``; ``make setup`` installs it).
+The same functions run either way, in chunks of ``compute.chunk`` images (a task of a few hundred
+images keeps Dask's per-task overhead small). On a cluster, what can go wrong past one machine is
+told apart (``_on_dask``): workers that run other versions are refused at connect; the work's own
+error on a worker is said as the workers' (their paths, their credentials) and not retried; a lost
+scheduler, or no worker for ``compute.worker_wait_s``, ends the run with one paragraph. Dask comes
+with the ``scale`` extra (``pip install 'multitag[scale]'``; ``make setup`` installs it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sys
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
-from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -92,7 +94,7 @@ def check_versions(client, where: str) -> None:
                            "every worker (the image built from infra/Dockerfile) and restart them")
 
 
-@contextmanager
+@contextlib.contextmanager
 def executor(p: ComputeParams, local_workers: int = 0) -> Iterator:
     """Where image work runs: a process pool, a Dask ``Client``, or None for this process
     (``local_workers`` 1)."""
@@ -164,7 +166,8 @@ def _on_dask(client, fn: Callable, chunks: list, compute: ComputeParams) -> Iter
     except Exception as err:  # the scheduler or the connection to it lost
         raise _lost(where, err) from None
     finally:
-        client.cancel(futures)
+        with contextlib.suppress(Exception):  # nothing to cancel on a scheduler that is gone
+            client.cancel(futures)
 
 
 def _lost(where: str, err: BaseException) -> ComputeError:
@@ -190,6 +193,7 @@ def _task_error(err: BaseException, where: str) -> Exception:
         text += ("; the workers need their own AWS credentials (this machine's are not sent to them): set "
                  "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a role) where each `dask worker` runs")
     elif isinstance(err, FileNotFoundError):
-        text += "; the workers must see the images at the same path as this machine (a shared file system), or read them from S3"
+        text += ("; the workers must see the images at the same path as this machine (a shared file system), "
+                 "or read them from S3")
     message = f"on the workers of the Dask cluster at {where}: {text}"
     return ComputeError(message) if is_transient(err) else ClusterError(message)

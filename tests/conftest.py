@@ -174,6 +174,10 @@ def stop_process_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: floa
 
 @pytest.fixture
 def data(tmp_path) -> Layout:
+    return tiny_data(tmp_path / "data-ws")
+
+
+def tiny_data(root: Path) -> Layout:
     """A workspace holding a tiny learnable dataset, as ingest and labels write it: label j is on
     when channel j's mean is bright."""
     rng = np.random.default_rng(0)
@@ -181,7 +185,7 @@ def data(tmp_path) -> Layout:
     y = (rng.random((n, 3)) < 0.4).astype(np.uint8)
     x = rng.integers(0, 100, (n, size, size, 3), dtype=np.uint8)
     x[..., :3] += (y[:, None, None, :] * 120).astype(np.uint8)
-    ws = Layout(tmp_path / "data-ws")
+    ws = Layout(root)
     ws.shards.mkdir(parents=True)
     ws.labels.mkdir()
     split = np.array(["train"] * 64 + ["val"] * 16 + ["test"] * 16)

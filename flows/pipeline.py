@@ -28,6 +28,17 @@ def run_name(kind: str):
     return name
 
 
+def describe_run(name: str, **tags: str) -> None:
+    """Name this flow run after what it did and tag it (``data:3f2a1c``, ``model:v7``), so the runs
+    list in the UI reads without opening each run."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.id)
+        client.update_flow_run(flow_run.id, name=name,
+                               tags=sorted({*run.tags, *(f"{key}:{value}" for key, value in tags.items())}))
+
+
 def check_code(ws: Layout) -> None:
     """Refuse a workspace whose multitag code differs from the multitag running (a flow-run pod's
     image, built from another commit than the one its pull step cloned): DVC would record the
@@ -65,6 +76,9 @@ def training_pipeline(workdir: str = ".") -> dict:
     }
     create_markdown_artifact(key="pipeline-summary", markdown="```\n" + summary_table(summary) + "\n```",
                              description="training pipeline result")
+    data_version = data["data_version"][:6]
+    describe_run(f"pipeline {Path(ws.root).resolve().name} data {data_version} v{reg['version']}"
+                 + (" champion" if reg["champion"] else ""), data=data_version, model=f"v{reg['version']}")
     return summary
 
 

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
-from flows.pipeline import check_code, run_name, training_pipeline
+from flows.pipeline import check_code, describe_run, run_name, training_pipeline
 from flows.retrain_steps import commit_message, commit_paths, dvc_hash, load_state, plan, retrain_lock, save_state
 from multitag.config import load_params
 from multitag.drift import check_batch, record
@@ -103,4 +103,10 @@ def retrain(workdir: str = ".", force: bool = False) -> dict:
                    "commit_message": commit_message(decision, result)}
         create_markdown_artifact(key="retrain-summary", markdown=retrain_markdown(summary),
                                  description="retrain: what arrived, what was trained, what was promoted")
+        added = f"+{decision['new_images']} images"
+        if result is None:
+            describe_run(f"retrain: not trained ({added})")
+        else:
+            describe_run(f"retrain v{result['version']} ({added})" + (" champion" if result["champion"] else ""),
+                         model=f"v{result['version']}")
         return summary

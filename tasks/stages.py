@@ -11,6 +11,7 @@ from multitag.layout import Layout
 from multitag.report import markdown_table, read_csv_rows, read_json
 from multitag.storage import open_store
 from tasks.dvc import retry_transient_only, run_stage
+from tasks.pictures import ap_per_label, drawn, picture, training_curve
 
 SHOWN_METRICS = ["map", "micro_f1", "macro_f1", "micro_precision", "micro_recall", "hamming_loss", "subset_accuracy"]
 
@@ -45,12 +46,17 @@ def render_labels(ws: Layout) -> dict:
     if stats["pairs"]:
         create_table_artifact(key="label-pairs", table=stats["pairs"],
                               description="labels that appear together most (cosine n_ab / sqrt(n_a n_b)), with P(b|a), P(a|b), lift")
+    create_markdown_artifact(key="label-plots", description="label frequencies and co-occurrence (the label-statistics "
+                                                            "and label-pairs tables as a picture)",
+                             markdown="## Labels\n\n" + picture(ws.label_stats_plot, "label statistics"))
     return read_json(ws.labels_summary)
 
 
 def render_train(ws: Layout) -> dict:
-    create_table_artifact(key="training-curve", table=read_csv_rows(ws.train_history),
-                          description="loss and validation mAP per epoch")
+    history = read_csv_rows(ws.train_history)
+    create_table_artifact(key="training-curve", table=history, description="loss and validation mAP per epoch")
+    create_markdown_artifact(key="training-curve-plot", description="loss, validation mAP and learning rate per epoch",
+                             markdown="## Training curve\n\n" + drawn(training_curve, history))
     return read_json(ws.train_summary)
 
 
@@ -65,8 +71,12 @@ def render_evaluate(ws: Layout) -> dict:
                  + "\n### By label frequency in training (thirds of the labels)\n\n"
                  + markdown_table([(name, b["labels"], b["map"], b["micro_f1"], b["recall"]) for name, b in buckets.items()],
                                   ["labels", "count", "mAP", "micro-F1", "recall"]))
-    create_table_artifact(key="per-label-metrics", table=read_csv_rows(ws.per_label),
+    per_label = read_csv_rows(ws.per_label)
+    create_table_artifact(key="per-label-metrics", table=per_label,
                           description="every label: test support, training images, bucket, AP, F1, threshold")
+    create_markdown_artifact(key="evaluation-plots", description="AP per label, sorted, and precision-recall curves",
+                             markdown="## AP per label\n\n" + drawn(ap_per_label, per_label)
+                                      + "\n## Precision-recall\n\n" + picture(ws.pr_plot, "precision-recall curves"))
     return metrics
 
 
@@ -98,6 +108,8 @@ def render_review(ws: Layout) -> dict:
                               description=f"label review: the 200 least likely annotations of {len(rows)}; "
                                           f"{summary['flagged']} flagged (all in {ws.label_issues.name}); the "
                                           f"fold models' held-out mAP {summary['heldout_map']}")
+        create_markdown_artifact(key="label-review-sheet", description="the most suspect annotations, as images",
+                                 markdown="## Label review\n\n" + picture(ws.label_issues_plot, "label review"))
     return summary
 
 

@@ -17,8 +17,9 @@ from multitag.registry import Registry
 from multitag.storage import open_store
 from tests.conftest import BIN, init_workspace, run, stop_process_group, tiny_params
 
+PICTURES = {"label-plots": 1, "training-curve-plot": 1, "evaluation-plots": 2}  # artifact key: images on its page
 STAGE_KEYS = {"dataset-summary", "label-statistics", "label-pairs", "training-curve", "test-metrics",
-              "per-label-metrics", "registry-entry", "promotion-decision", "pipeline-summary"}
+              "per-label-metrics", "registry-entry", "promotion-decision", "pipeline-summary", *PICTURES}
 RETRAIN_KEYS = {"inbox-batches", "retrain-summary"}  # + batch-check when a new batch arrived
 
 
@@ -34,10 +35,14 @@ def flow_runs(api: str, **flt) -> list[dict]:
     return _api(api, "/flow_runs/filter", {"flow_runs": flt, "sort": "EXPECTED_START_TIME_ASC", "limit": 200})
 
 
+def run_ids(api: str, run_id: str) -> list[str]:
+    """A flow run and its subflow runs."""
+    return [run_id] + [r["id"] for r in flow_runs(api, parent_flow_run_id={"any_": [run_id]})]
+
+
 def artifact_keys(api: str, run_id: str) -> set[str]:
     """Keys of the artifacts of a flow run and of its subflow runs."""
-    ids = [run_id] + [r["id"] for r in flow_runs(api, parent_flow_run_id={"any_": [run_id]})]
-    return {a["key"] for a in _api(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": ids}}})
+    return {a["key"] for a in _api(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": run_ids(api, run_id)}}})
             if a["key"]}
 
 
@@ -124,7 +129,12 @@ def test_scheduled_run_retrains_registers_archives_and_publishes(scheduled):
     # what each run published in the UI
     assert artifact_keys(api, first["id"]) == RETRAIN_KEYS | STAGE_KEYS | {"batch-check"}
     assert artifact_keys(api, second["id"]) == RETRAIN_KEYS  # nothing new: no training subflow
-    assert first["name"].startswith("retrain-ws-")
+    # the runs list reads without opening a run: named after what each did, tagged with the versions
+    assert first["name"] == "retrain v1 (+48 images) champion" and "model:v1" in first["tags"]
+    assert second["name"] == "retrain: not trained (+0 images)"
+    [pipeline] = flow_runs(api, parent_flow_run_id={"any_": [first["id"]]})
+    data_tag = next(t for t in pipeline["tags"] if t.startswith("data:"))
+    assert pipeline["name"] == f"pipeline ws data {data_tag[5:]} v1 champion" and "model:v1" in pipeline["tags"]
     # the raw data, params and dvc.lock were committed with a message saying what changed
     msg = run(["git", "log", "-1", "--format=%s"], ws).stdout.strip()
     assert msg.startswith("retrain: +48 images, ") and msg.endswith("(v1 promoted)")
@@ -166,6 +176,17 @@ def test_prefect_ui_shows_the_run_its_state_and_metrics(scheduled, tmp_path):
         page.wait_for_load_state("networkidle")
         page.wait_for_timeout(1000)  # let the page's fade-in finish before the screenshot
         page.screenshot(path=str(tmp_path / "retrain-run.png"), full_page=True)
+        for key, count in PICTURES.items():  # every picture on its artifact page, loaded and drawn
+            [artifact] = _api(api, "/artifacts/filter", {"artifacts": {"key": {"any_": [key]},
+                                                                       "flow_run_id": {"any_": run_ids(api, first["id"])}}})
+            page.goto(f"{ui}/artifacts/artifact/{artifact['id']}")
+            page.locator("img[src^='data:image/png']").nth(count - 1).wait_for(timeout=30_000)
+            page.wait_for_function("[...document.images].filter(i => i.src.startsWith('data:image/png'))"
+                                   ".every(i => i.complete)", timeout=30_000)
+            widths = page.evaluate("[...document.images].filter(i => i.src.startsWith('data:image/png'))"
+                                   ".map(i => i.naturalWidth)")
+            assert len(widths) == count and all(w > 0 for w in widths), (key, widths)
+            page.screenshot(path=str(tmp_path / f"{key}.png"), full_page=True)
         browser.close()
     assert (tmp_path / "retrain-run.png").stat().st_size > 10_000
     if os.environ.get("MULTITAG_SCREENSHOT"):  # how the README's screenshot was made
@@ -237,7 +258,7 @@ def test_served_retrain_with_inbox_archive_and_registry_on_s3(prefect_server, s3
                               env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env})
     try:
         def done():
-            runs = [r for r in flow_runs(prefect_server, name={"like_": "retrain-ws-"})
+            runs = [r for r in flow_runs(prefect_server, name={"like_": "retrain"})
                     if r["parameters"].get("workdir") == str(ws)]
             bad = [r for r in runs if r["state_type"] in ("FAILED", "CRASHED")]
             assert not bad, (tmp_path / "serve.log").read_text()[-4000:]

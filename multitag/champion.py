@@ -94,6 +94,7 @@ def register_model(params: Params, layout: Layout) -> dict:
         "images": ingest_summary["splits"], "test_set": test_set_digest(layout),
         "train": {**read_json(layout.train_summary), **(read_json(run_log) if run_log.exists() else {})},
         "git": git_commit(layout.root),
+        "per_label": read_csv_rows(layout.per_label),  # support, training images, AP, F1, threshold per label
     }
     files = {name: getattr(layout, attr) for name, attr in ARTIFACTS.items()}
     compare = comparer(registry, layout, thresholds["labels"])

@@ -280,24 +280,62 @@ class Registry:
         return self._move_champion(choose)
 
 
+FEW_TRAINING_IMAGES = 20  # a label with fewer training images is named among the model card's known limits
+
+
 def model_card_markdown(card: dict) -> str:
+    """MODEL_CARD.md of a registered version, after the Hugging Face Hub's model cards and "Model
+    Cards for Model Reporting" (Mitchell et al.): what it was trained on, the recipe, the metrics
+    overall and by label frequency, the weakest labels, the thresholds, the comparison with the
+    champion, the lineage, intended use and known limits. Every number is the card's (card.json)."""
+    p, t, ingest = card["params"], card["params"]["train"], card["params"]["ingest"]
+    labels = card.get("per_label") or [{"label": label} for label in card["labels"]]
     metrics = markdown_table(card["metrics"]["test"].items(), ("metric", "value"))
     buckets = card["metrics"].get("buckets")
     if buckets:
-        metrics += "\nBy label frequency in training (thirds of the labels):\n\n" + markdown_table(
+        metrics += "\nBy label frequency in training (thirds of the labels: head, medium, tail):\n\n" + markdown_table(
             [(name, b["labels"], b["map"], b["micro_f1"], b["recall"]) for name, b in buckets.items()],
             ("labels", "count", "mAP", "micro-F1", "recall"))
     comparison = card.get("comparison")
     if comparison and comparison.get("comparable"):
-        metrics += (f"\nCompared with champion v{comparison['champion']}: test mAP {comparison['candidate_map']:.4f} vs "
+        compared = (f"test mAP {comparison['candidate_map']:.4f} against champion v{comparison['champion']}'s "
                     f"{comparison['champion_map']:.4f}{comparison['note']}\n")
         if comparison.get("buckets"):
-            metrics += "\n" + markdown_table([(name, cand, champ) for name, (cand, champ) in comparison["buckets"].items()],
-                                             ("labels", "this version mAP", "champion mAP"))
-    thresholds = markdown_table(zip(card["labels"], card["thresholds"]), ("label", "threshold"))
+            compared += "\n" + markdown_table([(name, cand, champ) for name, (cand, champ) in comparison["buckets"].items()],
+                                              ("labels", "this version mAP", "champion mAP"))
+    else:
+        compared = (comparison or {}).get("note") or "no champion to compare with: the first registered version\n"
+    scored = sorted((r for r in labels if r.get("ap") not in (None, "")), key=lambda r: float(r["ap"]))
+    weakest = markdown_table([(r["label"], r["ap"], r["f1"], r["support"], r["train_images"]) for r in scored[:10]],
+                             ("label", "AP", "F1", "test images", "training images")) if scored else "no label has an AP\n"
+    few = [r["label"] for r in labels if r.get("train_images") not in (None, "") and int(r["train_images"]) < FEW_TRAINING_IMAGES]
+    vocabulary = markdown_table([(r["label"], r.get("train_images", ""), threshold)
+                                 for r, threshold in zip(labels, card["thresholds"])],
+                                ("label", "training images", "threshold (tuned on validation)"))
+    recipe = markdown_table([("model", f"{t['model']} ({t['head']} head)"), ("pretrained", t["pretrained"]),
+                             ("input size", f"{ingest['image_size']} px"), ("loss", t["loss"]),
+                             ("epochs run", card.get("train", {}).get("epochs_run")), ("time budget (s)", t["time_budget_s"]),
+                             ("batch size", t["batch_size"]), ("learning rate", t["lr"]), ("weight decay", t["weight_decay"]),
+                             ("schedule", t["schedule"]), ("augmentation", t["augment"]["preset"]),
+                             ("EMA decay", t["ema_decay"]), ("seed", t["seed"])], ("setting", "value"))
+    parent = p.get("lineage", {}).get("init_from")
+    limits = [f"Scored on {card['metrics']['test']['images']} test images; thresholds tuned on "
+              f"{card['metrics']['val']['images']} validation images."]
+    if few:
+        limits.append(f"{len(few)} label(s) had fewer than {FEW_TRAINING_IMAGES} training images, so their scores "
+                      f"and thresholds are uncertain: {', '.join(few)}.")
     return (f"# {card['name']} v{card['version']}\n\n"
-            f"- created: {card['created_at']}\n- architecture: {card['params']['train']['model']}\n"
-            f"- labels: {len(card['labels'])}\n- data version: {card.get('data_version')}\n"
-            f"- git commit: {card['git'].get('commit')} (dirty: {card['git'].get('dirty')})\n"
-            f"- weights sha256: {card['weights_sha256']}\n\n"
-            f"## Test metrics\n\n{metrics}\n## Thresholds (tuned on validation)\n\n{thresholds}")
+            f"A multi-label image classifier: one sigmoid output per label, {len(card['labels'])} labels, trained "
+            f"by multitag. Created {card['created_at']}; weights sha256 {card['weights_sha256']}.\n\n"
+            f"## Intended use\n\nTagging images like its training data (data version {card.get('data_version')}) with "
+            "the labels below, each at its tuned threshold. Check it on your own images before relying on it for "
+            "images of another kind (camera, domain, label definitions).\n\n"
+            f"## Known limits\n\n" + "".join(f"- {line}\n" for line in limits) +
+            f"\n## Training data\n\n- data version: {card.get('data_version')}\n"
+            f"- images: " + ", ".join(f"{k} {v}" for k, v in (card.get("images") or {}).items()) + "\n"
+            f"- labels ({len(card['labels'])}):\n\n{vocabulary}\n"
+            f"## Recipe\n\n{recipe}\n## Test metrics\n\n{metrics}\n## Weakest labels\n\n{weakest}\n"
+            f"## Compared with the champion\n\n{compared}\n"
+            f"## Lineage\n\n- git commit: {card['git'].get('commit')} (dirty: {card['git'].get('dirty')})\n"
+            f"- DVC hash of the raw data: {p.get('lineage', {}).get('raw')}\n"
+            f"- fine-tuned from: {f'v{parent}' if parent else 'none (trained from the start)'}\n")

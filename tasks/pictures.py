@@ -111,3 +111,23 @@ def ap_per_label(rows: list[dict], png: Path, weakest: int = 25) -> None:
     ax2.tick_params(axis="y", labelsize=7)
     fig.savefig(png, dpi=80)
     plt.close(fig)
+
+
+def model_history(rows: list[dict], png: Path) -> None:
+    """Test mAP of every registered version (filled: it became the champion) and the champion's test
+    mAP after each registration (a step line)."""
+    if not rows:
+        raise ValueError("no version is registered")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.6), layout="constrained")
+    versions = [r["version"] for r in rows]
+    for promoted, style in ((True, {"color": "C0"}), (False, {"facecolors": "none", "edgecolors": "C0"})):
+        shown = [r for r in rows if r["promoted"] == promoted and r["test mAP"] is not None]
+        ax.scatter([r["version"] for r in shown], [r["test mAP"] for r in shown], zorder=3,
+                   label="became the champion" if promoted else "not promoted", **style)
+    ax.step(versions, [r["champion mAP"] for r in rows], where="post", color="C1", label="champion")
+    ax.set(title="registered versions: test mAP", xlabel="version", ylabel="test mAP")
+    ax.set_xticks(versions if len(versions) <= 30 else versions[::max(1, len(versions) // 30)])
+    ax.legend(fontsize=8)
+    fig.savefig(png, dpi=80)
+    plt.close(fig)

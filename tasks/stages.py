@@ -9,9 +9,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from multitag.layout import Layout
 from multitag.report import markdown_table, read_csv_rows, read_json
+from multitag.registry import CHAMPION, Registry
 from multitag.storage import open_store
 from tasks.dvc import retry_transient_only, run_stage
-from tasks.pictures import ap_per_label, drawn, picture, training_curve
+from tasks.pictures import ap_per_label, drawn, model_history, picture, training_curve
 
 SHOWN_METRICS = ["map", "micro_f1", "macro_f1", "micro_precision", "micro_recall", "hamming_loss", "subset_accuracy"]
 
@@ -95,7 +96,32 @@ def render_register(ws: Layout) -> dict:
         key="promotion-decision", description="whether this version became the champion, and why",
         markdown=(f"## {'Promoted' if r['champion'] else 'Not promoted'}: {r['name']} v{r['version']}\n\n"
                   f"{r['reason']}\n\nchampion before: {previous}\n"))
+    registry = Registry(store, r["name"])
+    create_markdown_artifact(key="model-card", description=f"{r['name']} v{r['version']}: MODEL_CARD.md in the store",
+                             markdown=store.get_bytes(registry.version_key(r["version"], "MODEL_CARD.md"))[0].decode())
+    history = history_rows(registry)
+    create_markdown_artifact(key="model-history", description="every registered version's test mAP and the champion",
+                             markdown="## Model history\n\n" + drawn(model_history, history) + "\n"
+                                      + markdown_table([[("yes" if v is True else "no" if v is False else v)
+                                                         for v in h.values()] for h in history], list(history[0])))
     return {**r, "url": url, "store": store.uri}
+
+
+def history_rows(registry: Registry) -> list[dict]:
+    """Each registered version: when, on which data, its test mAP, whether it became the champion,
+    and the champion's test mAP once it was registered. (Test mAPs of versions trained on other data
+    were scored on other test sets: the data version says which.)"""
+    alias = registry.alias(CHAMPION)
+    lineage = alias[0].get("lineage", []) if alias else []
+    scores, rows = {}, []
+    for v in registry.versions():
+        scores[v["version"]] = v["test_map"]
+        champion = max((c for c in lineage if c <= v["version"]), default=None)
+        rows.append({"version": v["version"], "created": v["created_at"][:19],
+                     "data version": registry.card(v["version"]).get("data_version"), "test mAP": v["test_map"],
+                     "promoted": v["version"] in lineage, "champion": f"v{champion}" if champion else "",
+                     "champion mAP": scores.get(champion)})
+    return rows
 
 
 def render_review(ws: Layout) -> dict:

@@ -7,7 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from tasks.pictures import MAX_BYTES, MAX_WIDTH, ap_per_label, drawn, picture, small_png, training_curve
+from tasks.pictures import (MAX_BYTES, MAX_WIDTH, ap_per_label, drawn, model_history, picture, small_png,
+                            training_curve)
 
 
 def _decoded(markdown: str) -> Image.Image:
@@ -32,11 +33,16 @@ def test_plots_drawn_from_the_stage_tables(tmp_path):
     rows = [{"label": f"label {i}", "support": str(i), "ap": f"{i / 1000:.4f}" if i % 7 else ""} for i in range(1000)]
     img = _decoded(drawn(ap_per_label, rows))  # 1,000 labels: a curve and the 25 weakest by name
     assert img.height < 1000
+    history = [{"version": v, "test mAP": m, "promoted": p, "champion mAP": c}
+               for v, m, p, c in ((1, 0.5, True, 0.5), (2, 0.4, False, 0.5), (3, float("nan"), False, 0.5),
+                                  (4, 0.7, True, 0.7))]
+    assert _decoded(drawn(model_history, history)).width > 500
 
 
 def test_a_plot_that_cannot_be_drawn_is_a_line_not_a_failure(tmp_path):
     assert drawn(training_curve, []) == "*(training curve: not drawn, no epoch was trained)*\n"
     assert "not drawn, no label has an AP" in drawn(ap_per_label, [{"label": "a", "support": "0", "ap": ""}])
+    assert "not drawn, no version is registered" in drawn(model_history, [])
     assert "no picture" in picture(tmp_path / "missing.png", "label statistics")
     (tmp_path / "junk.png").write_bytes(b"not a png")
     assert "no picture" in picture(tmp_path / "junk.png", "label statistics")

@@ -119,6 +119,7 @@ def test_flow_runs_every_stage_registers_and_predicts(workspace):
     assert card["metrics"]["test"]["map"] == metrics["test"]["map"]
     assert card["params"]["train"]["epochs"] == 1 and card["git"]["commit"] is None  # nothing committed yet
     assert card["data_version"] == json.loads((workspace / "reports/ingest.json").read_text())["data_version"]
+    check_model_card(run([str(BIN / "multitag"), "models", "show", "1"], workspace).stdout, workspace)
 
     again = training_pipeline(workdir=str(workspace))
     assert again["stages_run"] == [] and again["version"] == 1  # DVC skipped every stage
@@ -151,3 +152,33 @@ def test_stage_errors_are_clear_and_not_retried(workspace, prefect_server):
     # DVC checks the stage's dependencies first; its error names the missing file
     assert "stage 'ingest' failed" in proc.stderr and "nowhere.csv" in proc.stderr.splitlines()[-1]
     assert proc.stderr.count("nowhere.csv") == 1, proc.stderr  # said once, not by DVC, Prefect's states and the CLI
+
+
+def _table(markdown: str, section: str) -> list[list[str]]:
+    """The rows of the first table under ``## section`` (header and rule left out)."""
+    part = markdown.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in part.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def check_model_card(card: str, ws) -> None:
+    """Every number in MODEL_CARD.md (as `multitag models show` prints it) is the stage outputs' number."""
+    metrics = json.loads((ws / "reports/metrics.json").read_text())
+    per_label = {r["label"]: r for r in csv.DictReader((ws / "reports/per_label.csv").open())}
+    thresholds = json.loads((ws / "reports/thresholds.json").read_text())
+    tested = _table(card, "Test metrics")
+    assert {k for k, _ in tested[:len(metrics["test"])]} == set(metrics["test"])
+    for name, value in tested[:len(metrics["test"])]:
+        assert float(value) == pytest.approx(metrics["test"][name], abs=5e-5), name
+    vocabulary = _table(card, "Training data")
+    assert [r[0] for r in vocabulary] == thresholds["labels"]
+    for (label, train_images, threshold), t in zip(vocabulary, thresholds["thresholds"]):
+        assert train_images == per_label[label]["train_images"] and float(threshold) == pytest.approx(t, abs=5e-5)
+    for label, ap, f1, support, train_images in _table(card, "Weakest labels"):
+        assert (ap, f1, support, train_images) == tuple(per_label[label][k] for k in ("ap", "f1", "support", "train_images"))
+    weakest = [r[1] for r in _table(card, "Weakest labels")]
+    assert weakest == sorted(weakest, key=float)
+    ingest = json.loads((ws / "reports/ingest.json").read_text())
+    assert f"- data version: {ingest['data_version']}" in card
+    assert f"- images: train {ingest['splits']['train']}, val {ingest['splits']['val']}, test {ingest['splits']['test']}" in card
+    assert f"Scored on {metrics['test']['images']} test images" in card

@@ -4,6 +4,7 @@ import multiprocessing as mp
 import pytest
 import torch
 
+from multitag.config import parse_params
 from multitag.models import build_model, save_model_file
 from multitag.registry import CHAMPION, Comparison, Registry
 from multitag.errors import NotFound
@@ -19,8 +20,8 @@ def _model_file(path, seed: int):
 
 def _card(test_map: float, test_set: str = "T1") -> dict:
     return {"labels": ["a", "b", "c"], "thresholds": [0.5, 0.5, 0.5], "test_set": test_set,
-            "metrics": {"test": {"map": test_map}}, "params": {"train": {"model": "simple_cnn"}},
-            "git": {"commit": None, "dirty": None}}
+            "metrics": {"test": {"map": test_map, "images": 10}, "val": {"images": 5}},
+            "params": parse_params({"train": {"model": "simple_cnn"}}).dump(), "git": {"commit": None, "dirty": None}}
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from multitag.registry import Registry
 from multitag.storage import open_store
 from tests.conftest import BIN, init_workspace, run, stop_process_group, tiny_params
 
-PICTURES = {"label-plots": 1, "training-curve-plot": 1, "evaluation-plots": 2}  # artifact key: images on its page
+PICTURES = {"label-plots": 1, "training-curve-plot": 1, "evaluation-plots": 2, "model-history": 1}  # images per page
 STAGE_KEYS = {"dataset-summary", "label-statistics", "label-pairs", "training-curve", "test-metrics",
-              "per-label-metrics", "registry-entry", "promotion-decision", "pipeline-summary", *PICTURES}
+              "per-label-metrics", "registry-entry", "promotion-decision", "pipeline-summary", "model-card", *PICTURES}
 RETRAIN_KEYS = {"inbox-batches", "retrain-summary"}  # + batch-check when a new batch arrived
 
 
@@ -187,10 +187,17 @@ def test_prefect_ui_shows_the_run_its_state_and_metrics(scheduled, tmp_path):
                                    ".map(i => i.naturalWidth)")
             assert len(widths) == count and all(w > 0 for w in widths), (key, widths)
             page.screenshot(path=str(tmp_path / f"{key}.png"), full_page=True)
+        [card] = _api(api, "/artifacts/filter", {"artifacts": {"key": {"any_": ["model-card"]},
+                                                               "flow_run_id": {"any_": run_ids(api, first["id"])}}})
+        page.goto(f"{ui}/artifacts/artifact/{card['id']}")
+        for heading in ("Intended use", "Known limits", "Training data", "Recipe", "Weakest labels", "Lineage"):
+            page.get_by_text(heading, exact=True).first.wait_for(timeout=30_000)  # the model card, rendered
         browser.close()
     assert (tmp_path / "retrain-run.png").stat().st_size > 10_000
-    if os.environ.get("MULTITAG_SCREENSHOT"):  # how the README's screenshot was made
+    if os.environ.get("MULTITAG_SCREENSHOT"):  # how the README's screenshots were made
         shutil.copy(tmp_path / "retrain-run.png", os.environ["MULTITAG_SCREENSHOT"])
+        for key in ("evaluation-plots", "model-history"):
+            shutil.copy(tmp_path / f"{key}.png", Path(os.environ["MULTITAG_SCREENSHOT"]).with_name(f"{key}-ui.png"))
 
 
 def _end_state(ws: Path) -> dict:

@@ -16,6 +16,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron, Interval
 
+from flows.alerts import set_up_alerts
 from flows.kubernetes import base_job_template
 from flows.retrain import retrain
 from multitag.config import load_params
@@ -88,6 +89,13 @@ def deploy_workspace(workdir: Path, pool_type: str = "process", interval: float 
                      gpus: int = 1) -> str:
     """`multitag deploy`: the deployments of ``pool_type`` (process: `retrain` on this machine's work
     pool; kubernetes: `retrain` and `training-pipeline` on GPU pods). Returns what to tell the user."""
+    said = _deploy(workdir, pool_type, interval, name, image, repository, pool, gpus)
+    alerts = set_up_alerts(load_params(workdir / "params.yaml").retrain)
+    return said + (f"; alerts: {', '.join(alerts)}" if alerts else "; no alerts (set retrain.alert_webhook or alert_block)")
+
+
+def _deploy(workdir: Path, pool_type: str, interval: float | None, name: str, image: str | None,
+            repository: str | None, pool: str, gpus: int) -> str:
     if pool_type == "kubernetes":
         if not image or not repository:
             raise ValueError("--pool-type kubernetes needs --image (built from infra/Dockerfile) and --repository "

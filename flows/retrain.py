@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
+from flows.alerts import alert
 from flows.pipeline import check_code, describe_run, run_name, training_pipeline
 from flows.retrain_steps import commit_message, commit_paths, dvc_hash, load_state, plan, retrain_lock, save_state
 from multitag.config import load_params
@@ -54,6 +55,7 @@ def check_batches(workdir: str, batches: list[str]):
         message = (f"batch(es) {', '.join(flagged)}: the champion's mAP there is more than retrain.alert_drop below "
                    "its test mAP (see the batch-check artifact)")
         get_run_logger().warning("%s", message)
+        alert("multitag.batch.flagged", message, ws.root.name)
         return Completed(name="Flagged", message=message, data=checks)
     return checks
 
@@ -104,6 +106,12 @@ def retrain(workdir: str = ".", force: bool = False) -> dict:
         create_markdown_artifact(key="retrain-summary", markdown=retrain_markdown(summary),
                                  description="retrain: what arrived, what was trained, what was promoted")
         added = f"+{decision['new_images']} images"
+        if result is not None and not result["champion"] and result["previous_champion"] and new:
+            behind = result["version"] - result["previous_champion"]
+            if behind >= params.retrain.alert_stale_versions:
+                alert("multitag.champion.stale", f"{behind} versions registered since champion "
+                      f"v{result['previous_champion']}, none promoted, while new data arrived; the last, "
+                      f"v{result['version']}: {result['reason']}", ws.root.name)
         if result is None:
             describe_run(f"retrain: not trained ({added})")
         else:

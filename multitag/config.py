@@ -222,6 +222,10 @@ class RetrainParams(_Section):
     raw: str = "data/raw"         # the accumulated raw data (images by content hash + annotations), DVC-tracked
     min_new_images: int = Field(50, ge=1)  # retrain once this many new or relabelled images are waiting
     alert_drop: float = Field(0.1, gt=0, le=1)  # flag a batch the champion scores this much mAP below its test
+    alert_webhook: str | None = Field(None, pattern=r"^https?://\S+$")  # Slack-compatible incoming webhook for alerts
+    alert_block: str | None = None    # or an existing Prefect notification block, by name
+    alert_stale_versions: int = Field(3, ge=1)  # alert when this many registrations in a row left the champion
+    alert_no_retrain_s: int = Field(3 * 86400, ge=60)  # alert when no retrain completed for this long
     cron: str = "0 3 * * *"       # schedule of the `retrain` deployment
     timezone: str = "UTC"
     work_pool: str = "multitag"   # a Prefect process work pool

@@ -22,10 +22,12 @@ from flows.retrain_steps import commit_message, commit_paths, dvc_hash, load_sta
 from multitag.config import load_params
 from multitag.drift import check_batch, record
 from multitag.inbox import take_in
-from multitag.layout import ORIGIN, Layout
+from multitag.layout import BATCH_CHECKS, ORIGIN, Layout
 from multitag.lineage import origin_of, update_lineage
 from multitag.rawdata import RawData
+from multitag.report import read_csv_rows
 from tasks.dvc import dvc_add, push, retry_transient_only
+from tasks.pictures import batch_scores, drawn
 from tasks.stages import batch_check_markdown, inbox_markdown, retrain_markdown
 
 
@@ -48,8 +50,10 @@ def check_batches(workdir: str, batches: list[str]):
     ledger = {e["batch"]: e for e in RawData(ws.root / params.retrain.raw).ledger()}
     checks = [check_batch(params, ws, ledger[name]) for name in batches]
     record(ws, params, checks)
-    create_markdown_artifact(key="batch-check", markdown=batch_check_markdown(checks),
-                             description="the champion on each new batch, before retraining")
+    history = read_csv_rows(ws.root / params.retrain.raw / BATCH_CHECKS)
+    create_markdown_artifact(key="batch-check", description="the champion on each new batch, before retraining",
+                             markdown=batch_check_markdown(checks) + "\n## The champion on every batch so far\n\n"
+                                      + drawn(batch_scores, history))
     flagged = [c["batch"] for c in checks if c.get("flagged")]
     if flagged:
         message = (f"batch(es) {', '.join(flagged)}: the champion's mAP there is more than retrain.alert_drop below "

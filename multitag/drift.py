@@ -21,14 +21,13 @@ import numpy as np
 from multitag.config import Params
 from multitag.dataset import select_device
 from multitag.images import decode
-from multitag.layout import RAW_IMAGES, Layout
+from multitag.layout import BATCH_CHECKS, RAW_IMAGES, Layout
 from multitag.metrics import classification_metrics, per_label_ap
 from multitag.models import load_registered, predict_scores
 from multitag.registry import CHAMPION, Registry, open_registry
 
 log = logging.getLogger(__name__)
 
-HISTORY = "batch_checks.csv"
 COLUMNS = ["checked_at", "batch", "champion", "images", "batch_map", "test_map", "drop", "batch_micro_f1",
            "test_micro_f1", "new_labels", "flagged"]
 
@@ -86,7 +85,7 @@ def _round(v):
 
 def record(layout: Layout, params: Params, checks: list[dict]) -> None:
     """Append the checks to the history kept with the raw data."""
-    path = layout.root / params.retrain.raw / HISTORY
+    path = layout.root / params.retrain.raw / BATCH_CHECKS
     new = not path.exists()
     with path.open("a", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

@@ -53,6 +53,7 @@ LEDGER = "batches.json"           # one entry per applied batch, with its rows
 RAW_ANNOTATIONS = "annotations.jsonl"  # what ingest reads, derived from the ledger
 RAW_IMAGES = "images"             # every accepted image once, named by its content hash
 ORIGIN = "origin"                 # the ledger name of the data set retraining began with
+BATCH_CHECKS = "batch_checks.csv"  # the champion on each new batch, appended by the retrain flow (drift.py)
 
 # What each dvc.yaml stage writes, as dvc.yaml declares it (checked by tests/test_layout.py).
 STAGE_OUTPUTS: dict[str, dict[str, list[str]]] = {

@@ -287,8 +287,10 @@ def model_card_markdown(card: dict) -> str:
     """MODEL_CARD.md of a registered version, after the Hugging Face Hub's model cards and "Model
     Cards for Model Reporting" (Mitchell et al.): what it was trained on, the recipe, the metrics
     overall and by label frequency, the weakest labels, the thresholds, the comparison with the
-    champion, the lineage, intended use and known limits. Every number is the card's (card.json)."""
-    p, t, ingest = card["params"], card["params"]["train"], card["params"]["ingest"]
+    champion, the lineage, intended use and known limits. Every number is the card's (card.json);
+    what a card registered by other means lacks is left empty."""
+    p = card.get("params", {})
+    t, ingest = p.get("train", {}), p.get("ingest", {})
     labels = card.get("per_label") or [{"label": label} for label in card["labels"]]
     metrics = markdown_table(card["metrics"]["test"].items(), ("metric", "value"))
     buckets = card["metrics"].get("buckets")
@@ -312,15 +314,16 @@ def model_card_markdown(card: dict) -> str:
     vocabulary = markdown_table([(r["label"], r.get("train_images", ""), threshold)
                                  for r, threshold in zip(labels, card["thresholds"])],
                                 ("label", "training images", "threshold (tuned on validation)"))
-    recipe = markdown_table([("model", f"{t['model']} ({t['head']} head)"), ("pretrained", t["pretrained"]),
-                             ("input size", f"{ingest['image_size']} px"), ("loss", t["loss"]),
-                             ("epochs run", card.get("train", {}).get("epochs_run")), ("time budget (s)", t["time_budget_s"]),
-                             ("batch size", t["batch_size"]), ("learning rate", t["lr"]), ("weight decay", t["weight_decay"]),
-                             ("schedule", t["schedule"]), ("augmentation", t["augment"]["preset"]),
-                             ("EMA decay", t["ema_decay"]), ("seed", t["seed"])], ("setting", "value"))
+    recipe = markdown_table([("model", f"{t.get('model')} ({t.get('head', 'linear')} head)"),
+                             ("pretrained", t.get("pretrained")), ("input size (px)", ingest.get("image_size")),
+                             ("loss", t.get("loss")), ("epochs run", card.get("train", {}).get("epochs_run")),
+                             ("time budget (s)", t.get("time_budget_s")), ("batch size", t.get("batch_size")),
+                             ("learning rate", t.get("lr")), ("weight decay", t.get("weight_decay")),
+                             ("schedule", t.get("schedule")), ("augmentation", t.get("augment", {}).get("preset")),
+                             ("EMA decay", t.get("ema_decay")), ("seed", t.get("seed"))], ("setting", "value"))
     parent = p.get("lineage", {}).get("init_from")
-    limits = [f"Scored on {card['metrics']['test']['images']} test images; thresholds tuned on "
-              f"{card['metrics']['val']['images']} validation images."]
+    limits = [f"Scored on {card['metrics']['test'].get('images')} test images; thresholds tuned on "
+              f"{card['metrics'].get('val', {}).get('images')} validation images."]
     if few:
         limits.append(f"{len(few)} label(s) had fewer than {FEW_TRAINING_IMAGES} training images, so their scores "
                       f"and thresholds are uncertain: {', '.join(few)}.")

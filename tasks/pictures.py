@@ -131,3 +131,24 @@ def model_history(rows: list[dict], png: Path) -> None:
     ax.legend(fontsize=8)
     fig.savefig(png, dpi=80)
     plt.close(fig)
+
+
+def batch_scores(rows: list[dict], png: Path) -> None:
+    """The champion on each new batch, in the order checked (batch_checks.csv): its mAP on the
+    batch against its own test mAP; flagged batches in red."""
+    checked = [r for r in rows if r.get("batch_map") not in ("", None)]
+    if not checked:
+        raise ValueError("no batch was scored (no champion yet, or no new images)")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.6), layout="constrained")
+    x = range(len(checked))
+    ax.plot(x, [float(r["test_map"]) for r in checked], color="C1", label="champion's test mAP")
+    ax.plot(x, [float(r["batch_map"]) for r in checked], marker="o", color="C0", label="mAP on the batch")
+    flagged = [i for i, r in enumerate(checked) if r["flagged"] in ("True", "true", True)]
+    ax.scatter(flagged, [float(checked[i]["batch_map"]) for i in flagged], color="red", zorder=3, label="flagged")
+    ax.set_xticks(list(x), [f"{r['batch']}\nv{r['champion']}" for r in checked], fontsize=7,
+                  rotation=30 if len(checked) > 8 else 0)
+    ax.set(title="the champion on each new batch", ylabel="mAP")
+    ax.legend(fontsize=8)
+    fig.savefig(png, dpi=80)
+    plt.close(fig)

@@ -7,12 +7,13 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from multitag.layout import Layout
+from multitag.config import load_params
+from multitag.layout import BATCH_CHECKS, Layout
 from multitag.report import markdown_table, read_csv_rows, read_json
 from multitag.registry import CHAMPION, Registry
 from multitag.storage import open_store
 from tasks.dvc import retry_transient_only, run_stage
-from tasks.pictures import ap_per_label, drawn, model_history, picture, training_curve
+from tasks.pictures import ap_per_label, batch_scores, drawn, model_history, picture, training_curve
 
 SHOWN_METRICS = ["map", "micro_f1", "macro_f1", "micro_precision", "micro_recall", "hamming_loss", "subset_accuracy"]
 
@@ -100,10 +101,17 @@ def render_register(ws: Layout) -> dict:
     create_markdown_artifact(key="model-card", description=f"{r['name']} v{r['version']}: MODEL_CARD.md in the store",
                              markdown=store.get_bytes(registry.version_key(r["version"], "MODEL_CARD.md"))[0].decode())
     history = history_rows(registry)
-    create_markdown_artifact(key="model-history", description="every registered version's test mAP and the champion",
-                             markdown="## Model history\n\n" + drawn(model_history, history) + "\n"
-                                      + markdown_table([[("yes" if v is True else "no" if v is False else v)
-                                                         for v in h.values()] for h in history], list(history[0])))
+    markdown = ("## Model history\n\n" + drawn(model_history, history) + "\n"
+                + markdown_table([[("yes" if v is True else "no" if v is False else v) for v in h.values()]
+                                  for h in history], list(history[0])))
+    checks = ws.root / load_params(ws.params).retrain.raw / BATCH_CHECKS  # kept by the retrain flow
+    if checks.exists():
+        rows = read_csv_rows(checks)
+        markdown += ("\n## The champion on each new batch\n\n" + drawn(batch_scores, rows) + "\n" + markdown_table(
+            [[r[k] for k in ("batch", "champion", "images", "batch_map", "test_map", "drop", "flagged")] for r in rows],
+            ["batch", "champion", "images", "mAP on the batch", "test mAP", "drop", "flagged"]))
+    create_markdown_artifact(key="model-history", markdown=markdown,
+                             description="every registered version's test mAP, the champion, its score on new batches")
     return {**r, "url": url, "store": store.uri}
 
 

@@ -7,8 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from tasks.pictures import (MAX_BYTES, MAX_WIDTH, ap_per_label, drawn, model_history, picture, small_png,
-                            training_curve)
+from tasks.pictures import (MAX_BYTES, MAX_WIDTH, ap_per_label, batch_scores, drawn, model_history, picture,
+                            small_png, training_curve)
 
 
 def _decoded(markdown: str) -> Image.Image:
@@ -37,12 +37,16 @@ def test_plots_drawn_from_the_stage_tables(tmp_path):
                for v, m, p, c in ((1, 0.5, True, 0.5), (2, 0.4, False, 0.5), (3, float("nan"), False, 0.5),
                                   (4, 0.7, True, 0.7))]
     assert _decoded(drawn(model_history, history)).width > 500
+    checks = [{"batch": f"b{i}", "champion": "1", "batch_map": f"{0.9 - i / 10:.4f}" if i else "", "test_map": "0.9",
+               "flagged": str(i > 2)} for i in range(5)]  # as batch_checks.csv has them; b0 not scored
+    assert _decoded(drawn(batch_scores, checks)).width > 500
 
 
 def test_a_plot_that_cannot_be_drawn_is_a_line_not_a_failure(tmp_path):
     assert drawn(training_curve, []) == "*(training curve: not drawn, no epoch was trained)*\n"
     assert "not drawn, no label has an AP" in drawn(ap_per_label, [{"label": "a", "support": "0", "ap": ""}])
     assert "not drawn, no version is registered" in drawn(model_history, [])
+    assert "not drawn, no batch was scored" in drawn(batch_scores, [{"batch": "b0", "batch_map": ""}])
     assert "no picture" in picture(tmp_path / "missing.png", "label statistics")
     (tmp_path / "junk.png").write_bytes(b"not a png")
     assert "no picture" in picture(tmp_path / "junk.png", "label statistics")

@@ -176,10 +176,11 @@ def test_the_champion_is_checked_on_a_shifted_batch_and_an_ordinary_one(tmp_path
         opt.step()
     save_model_file(tmp_path / "m.pt", arch="simple_cnn", labels=labels, image_size=16, state_dict=model.state_dict())
     registry = Registry(LocalStore(tmp_path / "store"), "multitag")
+    params = parse_params({**tiny_params(), "store": {"uri": str(tmp_path / "store")}})
     registry.register({"model.pt": tmp_path / "m.pt"}, {
         "labels": labels, "thresholds": [0.5] * 3, "test_set": "T", "images": {"train": 400},
-        "metrics": {"test": {"map": 0.95, "micro_f1": 0.9}}, "params": {"train": {"model": "simple_cnn"}}, "git": {}})
-    params = parse_params({**tiny_params(), "store": {"uri": str(tmp_path / "store")}})
+        "metrics": {"test": {"map": 0.95, "micro_f1": 0.9, "images": 100}, "val": {"images": 50}},
+        "params": params.dump(), "git": {}})
     raw = RawData(tmp_path / "data/raw")
     checks = {}
     for name, invert in (("ordinary", False), ("shifted", True)):

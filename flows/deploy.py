@@ -91,7 +91,8 @@ def deploy_workspace(workdir: Path, pool_type: str = "process", interval: float 
     pool; kubernetes: `retrain` and `training-pipeline` on GPU pods). Returns what to tell the user."""
     said = _deploy(workdir, pool_type, interval, name, image, repository, pool, gpus)
     alerts = set_up_alerts(load_params(workdir / "params.yaml").retrain)
-    return said + (f"; alerts: {', '.join(alerts)}" if alerts else "; no alerts (set retrain.alert_webhook or alert_block)")
+    return said + (f"; alerts: {', '.join(alerts)}" if alerts else
+                   "; no alerts (set retrain.alert_webhook or retrain.alert_block)")
 
 
 def _deploy(workdir: Path, pool_type: str, interval: float | None, name: str, image: str | None,

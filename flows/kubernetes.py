@@ -5,9 +5,9 @@ is named prefect-job); multi-node training is a separate Indexed Job (multitag/d
 Added job variables: ``gpus`` (the container's ``nvidia.com/gpu`` limit: a string, as Kubernetes'
 resource quantities are), ``node_selector`` and ``tolerations`` (GPU nodes), ``shm_size`` (``/dev/shm``
 as a memory-backed emptyDir, for DataLoader workers), ``aws_secret_name`` (AWS credentials only
-through ``envFrom`` a Secret), with CPU and memory requests; the pod runs as the image's non-root user
-under the Pod Security "restricted" profile, with infra/kubernetes/rbac.yaml's ServiceAccount. ``infra/kubernetes/base-job-template.json``
-is this template written out for ``prefect work-pool create --base-job-template`` (a test keeps the
+through ``envFrom`` a Secret), with CPU and memory requests; the pod runs as the image's non-root
+user under the Pod Security "restricted" profile, with infra/kubernetes/rbac.yaml's ServiceAccount.
+``infra/kubernetes/base-job-template.json`` is this template written out for ``prefect work-pool create --base-job-template`` (a test keeps the
 two equal).
 """
 

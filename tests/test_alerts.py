@@ -1,7 +1,7 @@
 """Alerts through Prefect automations on a real Prefect server, delivered to a real HTTP receiver on
 loopback (the webhook): a failed retrain run, a flagged batch and a stale champion each deliver one
 message naming the run with its link; setting the alerts up again does not duplicate them; a
-receiver that is down fails no run."""
+receiver that is down fails no run; no retrain within the period is an alert of its own."""
 
 import json
 import threading
@@ -39,6 +39,13 @@ def _messages(want: int, timeout: float = 90) -> list[str]:
     return list(Receiver.received)
 
 
+def _delete(names: list[str]) -> None:
+    """The automations off the session's server again: no alerts for the other tests."""
+    with get_client(sync_client=True) as client:
+        for automation in (a for name in names for a in client.read_automations_by_name(name)):
+            client.delete_automation(automation.id)
+
+
 @flow(name="retrain")
 def flagged_and_stale(workspace: str) -> None:
     """What the retrain flow emits on a flagged batch and a stale champion."""
@@ -51,6 +58,7 @@ def test_alerts_reach_the_webhook_once_each(prefect_server, tmp_path, monkeypatc
     from flows.retrain import retrain
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    Receiver.received = []
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -82,6 +90,29 @@ def test_alerts_reach_the_webhook_once_each(prefect_server, tmp_path, monkeypatc
     down = RetrainParams(alert_webhook=f"http://127.0.0.1:{free_port()}/hook")  # nothing listens there
     set_up_alerts(down)
     flagged_and_stale("photos")  # the run completes: the server notifies, not the run
+    _delete(names)
+
+
+def test_no_retrain_within_the_period_is_an_alert(prefect_server, monkeypatch):
+    """The proactive trigger: no retrain run completed for alert_no_retrain_s (its least, 60 s)."""
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    Receiver.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        names = set_up_alerts(RetrainParams(alert_webhook=f"http://127.0.0.1:{server.server_port}/hook",
+                                            alert_no_retrain_s=60))
+        start = time.time()
+        deadline = start + 150
+        while not any("no retrain completed" in m for m in Receiver.received) and time.time() < deadline:
+            time.sleep(1)
+        waited = time.time() - start
+    finally:
+        server.shutdown()
+        _delete(names)
+    silent = [m for m in Receiver.received if "no retrain completed" in m]
+    assert len(silent) == 1 and "in the last 60 s" in silent[0], Receiver.received
+    assert waited >= 55  # not before the period ended
 
 
 def test_an_alert_webhook_must_be_a_web_address():

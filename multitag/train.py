@@ -525,7 +525,8 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
             t.requires_grad_(not frozen or any(t is h for h in head))
         loss = train_one_epoch(run, data, p, state.epoch)
         average_buffers(run)
-        val = _shared(validate(run, data, p))  # one decision for every rank: best weights, early stopping
+        # rank 0 validates and its scores decide for every rank (best weights, early stopping)
+        val = _shared(validate(run, data, p) if not dist.is_initialized() or dist.get_rank() == 0 else None)
         if _record(state, run, val, loss, p):
             weights = run.ema.state if val["kept"] == "ema" else run.model.state_dict()
             best_weights = {k: v.detach().cpu().clone() for k, v in weights.items()}

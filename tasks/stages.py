@@ -8,6 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from multitag.config import load_params
+from multitag.errors import NotFound
 from multitag.layout import BATCH_CHECKS, Layout
 from multitag.report import markdown_table, read_csv_rows, read_json
 from multitag.registry import CHAMPION, Registry
@@ -98,12 +99,17 @@ def render_register(ws: Layout) -> dict:
         markdown=(f"## {'Promoted' if r['champion'] else 'Not promoted'}: {r['name']} v{r['version']}\n\n"
                   f"{r['reason']}\n\nchampion before: {previous}\n"))
     registry = Registry(store, r["name"])
+    try:
+        card = store.get_bytes(registry.version_key(r["version"], "MODEL_CARD.md"))[0].decode()
+    except NotFound:  # DVC restored this report from its cache into a store emptied since (make clean)
+        card = (f"*{r['name']} v{r['version']} is not in the store {store.uri}: DVC restored the register stage's "
+                "report from its cache; `dvc repro -f register` registers the model again*\n")
     create_markdown_artifact(key="model-card", description=f"{r['name']} v{r['version']}: MODEL_CARD.md in the store",
-                             markdown=store.get_bytes(registry.version_key(r["version"], "MODEL_CARD.md"))[0].decode())
+                             markdown=card)
     history = history_rows(registry)
     markdown = ("## Model history\n\n" + drawn(model_history, history) + "\n"
                 + markdown_table([[("yes" if v is True else "no" if v is False else v) for v in h.values()]
-                                  for h in history], list(history[0])))
+                                  for h in history], HISTORY_COLUMNS))
     checks = ws.root / load_params(ws.params).retrain.raw / BATCH_CHECKS  # kept by the retrain flow
     if checks.exists():
         rows = read_csv_rows(checks)
@@ -113,6 +119,9 @@ def render_register(ws: Layout) -> dict:
     create_markdown_artifact(key="model-history", markdown=markdown,
                              description="every registered version's test mAP, the champion, its score on new batches")
     return {**r, "url": url, "store": store.uri}
+
+
+HISTORY_COLUMNS = ["version", "created", "data version", "test mAP", "promoted", "champion", "champion mAP"]
 
 
 def history_rows(registry: Registry) -> list[dict]:

@@ -9,10 +9,11 @@ multitag process running, and a receiver that is down never fails a run.
 - no retrain completed for ``retrain.alert_no_retrain_s`` (a proactive trigger: the absence of an
   event).
 
-Each message names the flow run, the reason and the run's page in the UI (the server's
-``PREFECT_UI_URL``). The block is ``retrain.alert_block`` (any notification block made in the UI),
-or one made here from ``retrain.alert_webhook``: a POST of Slack-compatible JSON ``{"text": ...}``,
-which Slack, Microsoft Teams and Mattermost incoming webhooks accept.
+Each message names the flow run, the reason and the run's page in the UI (``PREFECT_UI_URL`` where
+the alerts are set up; by default the API's address without ``/api``). The block is
+``retrain.alert_block`` (any notification block made in the UI), or one made here from
+``retrain.alert_webhook``: a POST of Slack-compatible JSON ``{"text": ...}``, which Slack,
+Microsoft Teams and Mattermost incoming webhooks accept.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ from multitag.config import RetrainParams
 
 BLOCK = "multitag-alerts"
 FLOWS = ["retrain", "training-pipeline"]
-RUN_LINK = "{{ flow_run.name }}: {{ flow_run|ui_url }}"
 
 
-def automations(block_id, r: RetrainParams) -> list:
-    """The four automations, as Prefect's AutomationCore objects."""
+def automations(block_id, r: RetrainParams, ui_url: str) -> list:
+    """The four automations, as Prefect's AutomationCore objects; messages link to ``ui_url``."""
     from prefect.events.actions import SendNotification
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
     flows = {"prefect.resource.role": "flow", "prefect.resource.name": FLOWS}
+    # the link spelled out: the server's own ui_url filter gave None for some runs (no UI URL set there)
+    run_link = "{{ flow_run.name }}: " + ui_url.rstrip("/") + "/runs/flow-run/{{ flow_run.id }}"
 
     def notify(subject: str, body: str) -> list:
         return [SendNotification(block_document_id=block_id, subject=subject, body=body)]
@@ -44,15 +46,15 @@ def automations(block_id, r: RetrainParams) -> list:
                                             match={"prefect.resource.id": "prefect.flow-run.*"}, match_related=flows,
                                             posture=Posture.Reactive, threshold=1),
                        actions=notify("multitag: {{ flow_run.name }} {{ flow_run.state.name }}",
-                                      "{{ flow_run.state.name }}: {{ flow_run.state.message }}\n" + RUN_LINK)),
+                                      "{{ flow_run.state.name }}: {{ flow_run.state.message }}\n" + run_link)),
         AutomationCore(name="multitag: batch flagged", description="a new batch scored far below the champion's test",
                        trigger=EventTrigger(expect={"multitag.batch.flagged"}, posture=Posture.Reactive, threshold=1),
-                       actions=notify("multitag: a new batch was flagged", "{{ event.payload.message }}\n" + RUN_LINK)),
+                       actions=notify("multitag: a new batch was flagged", "{{ event.payload.message }}\n" + run_link)),
         AutomationCore(name="multitag: champion stale",
                        description=f"{r.alert_stale_versions} registrations in a row left the champion in place",
                        trigger=EventTrigger(expect={"multitag.champion.stale"}, posture=Posture.Reactive, threshold=1),
                        actions=notify("multitag: the champion was not replaced",
-                                      "{{ event.payload.message }}\n" + RUN_LINK)),
+                                      "{{ event.payload.message }}\n" + run_link)),
         AutomationCore(name="multitag: no retrain", description=f"no retrain completed in {r.alert_no_retrain_s} s",
                        trigger=EventTrigger(expect={"prefect.flow-run.Completed"},
                                             match={"prefect.resource.id": "prefect.flow-run.*"},
@@ -73,6 +75,7 @@ def set_up_alerts(r: RetrainParams) -> list[str]:
         return []
     from prefect.blocks.notifications import CustomWebhookNotificationBlock, NotificationBlock
     from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
 
     if r.alert_block:
         block = NotificationBlock.load(r.alert_block)
@@ -82,8 +85,9 @@ def set_up_alerts(r: RetrainParams) -> list[str]:
                                                json_data={"text": "*{{subject}}*\n{{body}}"}, allow_private_urls=True)
         block.save(BLOCK, overwrite=True)
         block = CustomWebhookNotificationBlock.load(BLOCK)
-    wanted = automations(block._block_document_id, r)
     with get_client(sync_client=True) as client:
+        ui_url = get_current_settings().ui_url or str(client.api_url).removesuffix("/api/")
+        wanted = automations(block._block_document_id, r, ui_url)
         for automation in wanted:
             [*existing] = client.read_automations_by_name(automation.name)
             if existing:

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import threading
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +145,52 @@ def prefect_server(tmp_path_factory):
                        lambda: "prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
     yield api
     stop_process_group(proc)
+
+
+class Webhook(ThreadingHTTPServer):
+    """A real HTTP receiver on loopback, the target of alert webhooks: keeps each POST's ``text``."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["text"])
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server_port}/hook"
+
+    def messages(self, want: int, timeout: float = 90) -> list[str]:
+        """The messages once ``want`` arrived (or the time ran out), after a pause for any extra."""
+        deadline = time.time() + timeout
+        while len(self.received) < want and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)
+        return list(self.received)
+
+
+@pytest.fixture
+def webhook():
+    server = Webhook()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def delete_automations(api: str, names: list[str]) -> None:
+    """Automations off the Prefect server at ``api`` again: no alerts for other tests."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        for automation in (a for name in names for a in client.read_automations_by_name(name)):
+            client.delete_automation(automation.id)
 
 
 def wait_until_serving(proc: subprocess.Popen, url: str, timeout: float, failure) -> None:

@@ -3,10 +3,7 @@ loopback (the webhook): a failed retrain run, a flagged batch and a stale champi
 message naming the run with its link; setting the alerts up again does not duplicate them; a
 receiver that is down fails no run; no retrain within the period is an alert of its own."""
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prefect import flow
@@ -15,35 +12,7 @@ from prefect.client.orchestration import get_client
 from flows.alerts import alert, set_up_alerts
 from multitag.config import RetrainParams, parse_params
 from multitag.errors import ConfigError
-from tests.conftest import free_port
-
-
-class Receiver(BaseHTTPRequestHandler):
-    received: list[str] = []
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        Receiver.received.append(json.loads(body)["text"])
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-def _messages(want: int, timeout: float = 90) -> list[str]:
-    deadline = time.time() + timeout
-    while len(Receiver.received) < want and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)  # and nothing more than wanted
-    return list(Receiver.received)
-
-
-def _delete(names: list[str]) -> None:
-    """The automations off the session's server again: no alerts for the other tests."""
-    with get_client(sync_client=True) as client:
-        for automation in (a for name in names for a in client.read_automations_by_name(name)):
-            client.delete_automation(automation.id)
+from tests.conftest import delete_automations, free_port
 
 
 @flow(name="retrain")
@@ -54,16 +23,13 @@ def flagged_and_stale(workspace: str) -> None:
     alert("multitag.champion.stale", "3 versions registered since champion v4, none promoted", workspace)
 
 
-def test_alerts_reach_the_webhook_once_each(prefect_server, tmp_path, monkeypatch):
+def test_alerts_reach_the_webhook_once_each(prefect_server, webhook, tmp_path, monkeypatch):
     from flows.retrain import retrain
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_server)
-    Receiver.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    r = RetrainParams(alert_webhook=webhook.url)
+    names = set_up_alerts(r)
     try:
-        r = RetrainParams(alert_webhook=f"http://127.0.0.1:{server.server_port}/hook")
-        names = set_up_alerts(r)
         assert set_up_alerts(r.model_copy(update={"alert_stale_versions": 5})) == names  # again: updated, not added
         with get_client(sync_client=True) as client:
             automations = [a for name in names for a in client.read_automations_by_name(name)]
@@ -74,44 +40,37 @@ def test_alerts_reach_the_webhook_once_each(prefect_server, tmp_path, monkeypatc
         with pytest.raises(ConfigError):
             retrain(workdir=str(tmp_path / "ws"))
         flagged_and_stale("photos")
-        messages = _messages(3)
+        messages = webhook.messages(3)
+        with get_client(sync_client=True) as client:
+            runs = {run.name: run for run in client.read_flow_runs()}
+        failed = [m for m in messages if "Failed" in m]
+        flagged = [m for m in messages if "batch was flagged" in m]
+        stale = [m for m in messages if "champion was not replaced" in m]
+        assert (len(failed), len(flagged), len(stale)) == (1, 1, 1), messages
+        failed_run = next(run for run in runs.values() if run.state_name == "Failed")
+        assert failed_run.name in failed[0] and f"/runs/flow-run/{failed_run.id}" in failed[0]
+        assert "b7" in flagged[0] and "/runs/flow-run/" in flagged[0] and "v4" in stale[0]
+
+        set_up_alerts(RetrainParams(alert_webhook=f"http://127.0.0.1:{free_port()}/hook"))  # nothing listens there
+        flagged_and_stale("photos")  # the run completes: the server notifies, not the run
     finally:
-        server.shutdown()
-    with get_client(sync_client=True) as client:
-        runs = {run.name: run for run in client.read_flow_runs()}
-    failed = [m for m in messages if "Failed" in m]
-    flagged = [m for m in messages if "batch was flagged" in m]
-    stale = [m for m in messages if "champion was not replaced" in m]
-    assert (len(failed), len(flagged), len(stale)) == (1, 1, 1), messages
-    failed_run = next(run for run in runs.values() if run.state_name == "Failed")
-    assert failed_run.name in failed[0] and f"/runs/flow-run/{failed_run.id}" in failed[0]
-    assert "b7" in flagged[0] and "/runs/flow-run/" in flagged[0] and "v4" in stale[0]
-
-    down = RetrainParams(alert_webhook=f"http://127.0.0.1:{free_port()}/hook")  # nothing listens there
-    set_up_alerts(down)
-    flagged_and_stale("photos")  # the run completes: the server notifies, not the run
-    _delete(names)
+        delete_automations(prefect_server, names)
 
 
-def test_no_retrain_within_the_period_is_an_alert(prefect_server, monkeypatch):
+def test_no_retrain_within_the_period_is_an_alert(prefect_server, webhook, monkeypatch):
     """The proactive trigger: no retrain run completed for alert_no_retrain_s (its least, 60 s)."""
     monkeypatch.setenv("PREFECT_API_URL", prefect_server)
-    Receiver.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    names = set_up_alerts(RetrainParams(alert_webhook=webhook.url, alert_no_retrain_s=60))
     try:
-        names = set_up_alerts(RetrainParams(alert_webhook=f"http://127.0.0.1:{server.server_port}/hook",
-                                            alert_no_retrain_s=60))
         start = time.time()
         deadline = start + 150
-        while not any("no retrain completed" in m for m in Receiver.received) and time.time() < deadline:
+        while not any("no retrain completed" in m for m in webhook.received) and time.time() < deadline:
             time.sleep(1)
         waited = time.time() - start
     finally:
-        server.shutdown()
-        _delete(names)
-    silent = [m for m in Receiver.received if "no retrain completed" in m]
-    assert len(silent) == 1 and "in the last 60 s" in silent[0], Receiver.received
+        delete_automations(prefect_server, names)
+    silent = [m for m in webhook.received if "no retrain completed" in m]
+    assert len(silent) == 1 and "in the last 60 s" in silent[0], webhook.received
     assert waited >= 55  # not before the period ended
 
 

@@ -1,6 +1,7 @@
 """Scheduled retraining on a real Prefect server: `multitag deploy` with a short interval, a real
 `multitag worker`, a batch dropped into the inbox with `multitag inbox add`; then the same run
-looked at in the Prefect UI with headless Chromium. And a retrain killed mid-training, run again."""
+looked at in the Prefect UI with headless Chromium. A retrain killed mid-training, run again; and the
+alerts a real retrain run sends (a flagged batch, a stale champion)."""
 
 import json
 import os
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from multitag.registry import Registry
 from multitag.storage import open_store
-from tests.conftest import BIN, init_workspace, run, stop_process_group, tiny_params
+from tests.conftest import BIN, delete_automations, init_workspace, run, stop_process_group, tiny_params
 
 PICTURES = {"label-plots": 1, "training-curve-plot": 1, "evaluation-plots": 2, "model-history": 1}  # images per page
 STAGE_KEYS = {"dataset-summary", "label-statistics", "label-pairs", "training-curve", "test-metrics",
@@ -214,15 +216,28 @@ def _end_state(ws: Path) -> dict:
             "metrics": json.loads((ws / "reports/metrics.json").read_text())["test"]}
 
 
-def test_retrain_killed_mid_training_then_rerun_ends_as_an_uninterrupted_run(prefect_server, tmp_path):
+CMD = [str(BIN / "multitag"), "retrain"]
+# enough epochs that the kill lands mid-training (patience as long: no early stop)
+LONGER = {"sample": {"n_images": 160}, "train": {"epochs": 12, "patience": 12}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prefect_server, tmp_path_factory):
+    """A retrain that was not interrupted, and what it left behind."""
     env = {"PREFECT_API_URL": prefect_server}
-    cmd = [str(BIN / "multitag"), "retrain"]
-    # enough epochs that the kill lands mid-training (patience as long: no early stop)
-    sample, train = {"n_images": 160}, {"epochs": 12, "patience": 12}
-    killed = retrain_workspace(tmp_path / "killed", sample=sample, train=train)
+    whole = retrain_workspace(tmp_path_factory.mktemp("whole") / "ws", **LONGER)
+    add_sample_batch(whole, env)
+    run(CMD, whole, env=env)
+    assert json.loads((whole / ".multitag/runs/train.json").read_text())["resumed_from_epoch"] == 0
+    return {"ws": whole, "state": _end_state(whole)}
+
+
+def test_retrain_killed_mid_training_then_rerun_ends_as_an_uninterrupted_run(prefect_server, uninterrupted, tmp_path):
+    env = {"PREFECT_API_URL": prefect_server}
+    killed = retrain_workspace(tmp_path / "killed", **LONGER)
     add_sample_batch(killed, env)
     log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(cmd, cwd=killed, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    proc = subprocess.Popen(CMD, cwd=killed, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env})
     checkpoint = killed / ".multitag/checkpoints/last.pt"
     wait_for(lambda: checkpoint.exists() or proc.poll() is not None, 300, "the first training checkpoint", 0.1)
@@ -231,18 +246,55 @@ def test_retrain_killed_mid_training_then_rerun_ends_as_an_uninterrupted_run(pre
     assert not (killed / "reports/train.json").exists(), "training finished before the kill"
     assert Registry(open_store("store", killed), "multitag").versions() == []
 
-    rerun = run(cmd, killed, env=env)
+    rerun = run(CMD, killed, env=env)
     assert "training from scratch: no champion yet; v1" in rerun.stdout
     assert json.loads((killed / ".multitag/runs/train.json").read_text())["resumed_from_epoch"] >= 1
-
-    whole = retrain_workspace(tmp_path / "whole", sample=sample, train=train)
-    add_sample_batch(whole, env)
-    run(cmd, whole, env=env)
-    assert json.loads((whole / ".multitag/runs/train.json").read_text())["resumed_from_epoch"] == 0
     state = _end_state(killed)
-    assert state == _end_state(whole)
+    assert state == uninterrupted["state"]
     assert len(state["ledger"]) == 1 and len(state["versions"]) == 1 and state["inbox"] == []
     assert state["retrain_commits"] == 1
+
+
+def test_a_retrain_run_alerts_on_a_flagged_batch_and_a_stale_champion(prefect_server, uninterrupted, webhook):
+    """`multitag deploy` (twice) sets up the alerts; then a real retrain run: its batch relabels the
+    images against what they show (the champion scores far below its test mAP there: flagged) and a
+    champion no model can beat (min_improvement 1) leaves v2 behind (stale after 1 registration)."""
+    ws, env = uninterrupted["ws"], {"PREFECT_API_URL": prefect_server}
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["retrain"].update(alert_webhook=webhook.url, alert_stale_versions=1)
+    params["register"]["min_improvement"] = 1.0
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    names = ["multitag: run failed", "multitag: batch flagged", "multitag: champion stale", "multitag: no retrain"]
+    try:
+        for _ in range(2):  # deploying again updates the automations, it does not add more
+            out = run([str(BIN / "multitag"), "deploy", "--workdir", str(ws), "--name", "alerts"], ws, env=env)
+            assert "alerts: " + ", ".join(names) in out.stdout
+        assert sorted(a["name"] for a in _api(prefect_server, "/automations/filter", {})) == sorted(names)
+        # an annotator who tags ten images with one label each that they do not show, and none else: the
+        # champion's batch mAP is near 0.04 whatever it learned, at least 0.1 below its test mAP
+        header, *rows = (ws / "new-images/annotations.csv").read_text().splitlines()
+        relabelled = [header]
+        for i, row in enumerate(rows):
+            file, tags = row.split(",", 1)
+            relabelled.append(f"{file},{next(d for d in '0123456789' if d not in tags.split())}" if i < 10 else f"{file},")
+        (ws / "new-images/relabelled.csv").write_text("\n".join(relabelled) + "\n")
+        run([str(BIN / "multitag"), "inbox", "add", "new-images", "--annotations", "relabelled.csv", "--images",
+             "images", "--name", "batch-2"], ws, env=env)
+        run(CMD, ws, env=env)
+        messages = webhook.messages(2)
+    finally:
+        delete_automations(prefect_server, names)
+        run([str(BIN / "prefect"), "deployment", "delete", "retrain/alerts"], ws, env=env, check=False)
+    registry = Registry(open_store("store", ws), "multitag")
+    assert [v["version"] for v in registry.versions()] == [1, 2] and registry.alias("champion")[0]["version"] == 1
+    [retrain_run] = [r for r in flow_runs(prefect_server, name={"like_": "retrain v2"})
+                     if r["parameters"].get("workdir") == str(ws)]
+    flagged = [m for m in messages if "batch was flagged" in m]
+    stale = [m for m in messages if "champion was not replaced" in m]
+    assert (len(flagged), len(stale), len(messages)) == (1, 1, 2), messages
+    link = f"/runs/flow-run/{retrain_run['id']}"
+    assert "batch-2" in flagged[0] and link in flagged[0]
+    assert "since champion v1" in stale[0] and "v2" in stale[0] and link in stale[0]
 
 
 def test_served_retrain_with_inbox_archive_and_registry_on_s3(prefect_server, s3_bucket, tmp_path):

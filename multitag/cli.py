@@ -40,7 +40,7 @@ def _setup_logging(prefect: bool = False) -> None:
     setup_logging()
 
 
-def _stop_on_interrupt(command: str) -> None:
+def _stop_on_interrupt(command: str, said: str | None = None) -> None:
     """Ctrl-C (SIGINT) stops a pipeline or retrain run at once: the running stage and everything else
     this process started are terminated, one line says what was interrupted and how to resume, and
     the process exits with 130. (Left to itself, Prefect would spend minutes reporting to its
@@ -52,8 +52,8 @@ def _stop_on_interrupt(command: str) -> None:
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
         stage = f"stage {RUNNING['stage']}" if RUNNING.get("stage") else "the pipeline"
-        log.error("interrupted during %s; run `multitag %s` again to resume: stages already done are skipped and "
-                  "training continues from its last epoch checkpoint", stage, command)
+        log.error("%s", said or f"interrupted during {stage}; run `multitag {command}` again to resume: stages already "
+                  "done are skipped and training continues from its last epoch checkpoint")
         for handler in logging.getLogger().handlers:
             handler.flush()
         _terminate_children()
@@ -177,6 +177,43 @@ def run(workdir: WorkdirOption = Path(".")):
 
     summary = training_pipeline(workdir=str(workdir.resolve()))
     typer.echo(summary_table(summary, time.time() - start))
+
+
+@app.command()
+@handled(prefect=True)
+def tune(workdir: WorkdirOption = Path("."),
+         budget: Annotated[Optional[str], typer.Option(help="Wall-clock time, e.g. 20m, 1h30m, 900 (default: tune.budget)")] = None,
+         resume: Annotated[bool, typer.Option(help="Go on with what an interrupted tune had left of its budget")] = False,
+         trials: Annotated[Optional[int], typer.Option(help="At most this many trials (besides the baseline)")] = None,
+         apply: Annotated[bool, typer.Option(help="Write the winning recipe into params.yaml")] = False):
+    """Search the training recipe on the prepared data (after `multitag run`) within a time budget:
+    Optuna trials scored on the validation split; prints the best recipe as a params.yaml diff, which
+    --apply writes (then `multitag run` trains it)."""
+    from multitag.tune import apply as apply_recipe
+
+    _stop_on_interrupt("tune", "interrupted: finished trials are kept in .multitag/tune/study.db; run `multitag tune "
+                               "--resume` to spend what the budget had left")
+    _params(workdir)
+    _load_while_the_api_starts()
+    from flows.tune import tune_flow
+
+    t = tune_flow(workdir=str(workdir.resolve()), budget=budget, resume=resume, max_trials=trials)
+    states = [tr["state"] for tr in t["trials"]]
+    typer.echo(f"study {t['study']}: {len(states)} trials ({states.count('complete')} finished, "
+               f"{states.count('pruned')} pruned, {states.count('fail')} failed), {t['spent_s']:.0f} s")
+    b, best = t["baseline"], t["best"]
+    typer.echo(f"the workspace's recipe: val mAP {b.get('val_map', '-')}, test mAP {b.get('test_map', '-')}")
+    if best:
+        typer.echo(f"best trial {best['number']}: val mAP {best['val_map']:.4f}, test mAP {best['test_map']}")
+    if not t["diff"]:
+        typer.echo("the workspace's recipe is still the best found: params.yaml needs no change")
+        return
+    typer.echo(t["diff"], nl=False)
+    if apply:
+        apply_recipe(workdir / "params.yaml", t["recipe"])
+        typer.echo("params.yaml updated; `multitag run` trains the tuned recipe")
+    else:
+        typer.echo("`multitag tune --trials 0 --apply` writes it without searching further")
 
 
 @app.command()

@@ -12,6 +12,7 @@ overriding store): machine state kept out of the user's configuration, and track
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -238,6 +239,64 @@ class ComputeParams(_Section):
     worker_wait_s: float = Field(180, gt=0)  # a run with no Dask worker for this long ends with an error
 
 
+def duration_s(text: str) -> float:
+    """Seconds in a duration such as ``20m``, ``1h30m``, ``90s`` or ``900`` (seconds)."""
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", str(text).strip())
+    if not m or not any(m.groups()):
+        raise ValueError(f"{text!r} is not a duration such as 20m, 1h30m, 90s or 900 (seconds)")
+    hours, minutes, seconds = (float(g or 0) for g in m.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+class TuneParams(_Section):
+    """`multitag tune`: the search space and budget (multitag/tune.py). Ranges are [low, high], searched
+    on a log scale; lists are the choices. The defaults hold for photos."""
+    budget: str = "20m"           # wall-clock time of one `multitag tune` (default of --budget)
+    trial_s: float | None = Field(None, ge=10)  # seconds of training per trial (null: the study's, or a sixth of
+                                                # its first budget, at least 60 s)
+    seed: int = 0                 # the sampler's seed
+    lr: list[float] = [0.0003, 0.01]
+    weight_decay: list[float] = [0.001, 0.2]
+    batch_size: list[int] = [16, 32, 64]
+    schedule: list[Literal["onecycle", "cosine"]] = ["onecycle", "cosine"]
+    loss: list[Literal["bce", "focal", "asl"]] = ["bce", "focal", "asl"]
+    ema_decay: list[float] = [0.0, 0.999]
+    augment: list[Literal["none", "light", "digits", "photos", "strong"]] = ["none", "light", "photos", "strong"]
+    head: list[Literal["linear", "mldecoder"]] = ["linear"]
+    model: list[str] = []         # models to try (compact_cnn, resnet18, ...); empty: train.model only
+
+    @field_validator("budget")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        if duration_s(v) < 60:
+            raise ValueError(f"{v!r} is under a minute: too short for one trial")
+        return v
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _range(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not 0 < v[0] < v[1]:
+            raise ValueError(f"must be [low, high] with 0 < low < high, got {list(v)}")
+        return v
+
+    @field_validator("batch_size", "schedule", "loss", "ema_decay", "augment", "head")
+    @classmethod
+    def _choices(cls, v: list, info) -> list:
+        if not v:
+            raise ValueError("needs at least one choice")
+        if info.field_name in ("batch_size", "ema_decay"):  # the others are typed with their choices
+            for value in v:
+                TrainParams.model_validate({info.field_name: value})
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        for value in v:
+            TrainParams.model_validate({"model": value})
+        return v
+
+
 class LineageParams(_Section):
     """lineage.yaml: written by multitag (the retrain flow, `multitag run`), never by hand."""
     raw: str | None = None        # the DVC hash of retrain.raw once ingest reads it instead of params' ingest
@@ -259,6 +318,7 @@ class Params(_Section):
     store: StoreParams = StoreParams()
     retrain: RetrainParams = RetrainParams()
     compute: ComputeParams = ComputeParams()
+    tune: TuneParams = TuneParams()
     lineage: LineageParams = LineageParams()  # from lineage.yaml, not params.yaml
 
     @property

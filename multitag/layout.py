@@ -47,6 +47,7 @@ DECODE_CACHE = ".multitag/decode-cache"        # decoded images by content hash:
 RUN_LOG = ".multitag/runs"                     # per-stage timings of the latest run (vary run to run)
 RETRAIN_STATE = ".multitag/retrain.json"       # the batches a finished training saw (flows/retrain_steps.py)
 PREFECT_SERVER_LOG = ".multitag/prefect-server.log"  # the server `multitag serve` starts
+TUNE = ".multitag/tune"                        # `multitag tune`: the Optuna study (study.db) and trial models
 
 # Inside the raw data (retrain.raw, multitag/rawdata.py), which ingest reads once retraining began.
 LEDGER = "batches.json"           # one entry per applied batch, with its rows

@@ -484,14 +484,16 @@ def _record(state: TrainState, run: Run, val: dict, loss: float, p: TrainParams)
 
 
 def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry=None,
-          stop_after_epochs: int | None = None, store=None) -> TrainResult:
+          stop_after_epochs: int | None = None, store=None, on_epoch=None) -> TrainResult:
     """Train and write ``models/model.pt`` (the best validation-mAP weights), ``reports/train.json``
     and the per-epoch history; timings go to the run log (``.multitag/runs/train.json``).
 
     ``init_from``: a registered version to fine-tune from (``registry`` holds it).
     ``stop_after_epochs`` ends the run early as if interrupted (used to test resuming).
     ``store``: on several nodes, where the checkpoint is kept for every node (and on a Kubernetes
-    training pod, where the writer puts the outputs)."""
+    training pod, where the writer puts the outputs).
+    ``on_epoch(epoch, val_map)`` is called after each epoch (`multitag tune` reports to its pruner,
+    which may stop the run by raising)."""
     start = time.time()
     device = select_device(p.device)
     writer = 0
@@ -537,6 +539,8 @@ def train(p: TrainParams, layout: Layout, init_from: int | None = None, registry
         if state.stopped:
             log.info("early stopping: no val mAP gain for %d epochs", p.patience)
         checkpointer.save(run, state, best_weights)
+        if on_epoch is not None:
+            on_epoch(state.epoch, val["val_map"])
         spent.append(time.time() - t0)  # the epoch, its checkpoint included
         if p.time_budget_s and not resumed and state.epoch in (2, halfway) and state.epochs > state.epoch:
             replan(run, state, p, len(data.x_train), p.time_budget_s - (time.time() - start), float(np.mean(spent[1:])))

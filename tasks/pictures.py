@@ -152,3 +152,26 @@ def batch_scores(rows: list[dict], png: Path) -> None:
     ax.legend(fontsize=8)
     fig.savefig(png, dpi=80)
     plt.close(fig)
+
+
+def tune_history(trials: list[dict], png: Path) -> None:
+    """Optuna's optimisation history: each trial's validation mAP in the order run (pruned trials at
+    the best they reached, hollow), and the best so far."""
+    scored = [t for t in trials if t["state"] == "complete" or (t["state"] == "pruned" and t["last_val_map"] is not None)]
+    if not scored:
+        raise ValueError("no trial has a validation mAP yet")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.6), layout="constrained")
+    for state, style in (("complete", {"color": "C0"}), ("pruned", {"facecolors": "none", "edgecolors": "C0"})):
+        shown = [t for t in scored if t["state"] == state]
+        ax.scatter([t["number"] for t in shown], [t["val_map"] if state == "complete" else t["last_val_map"]
+                                                  for t in shown], zorder=3, label=state, **style)
+    best, line = float("-inf"), []
+    for t in scored:
+        best = max(best, t["val_map"]) if t["state"] == "complete" else best
+        line.append(best if best > float("-inf") else float("nan"))
+    ax.step([t["number"] for t in scored], line, where="post", color="C1", label="best so far")
+    ax.set(title="tune: validation mAP of each trial", xlabel="trial", ylabel="val mAP")
+    ax.legend(fontsize=8)
+    fig.savefig(png, dpi=80)
+    plt.close(fig)

@@ -14,7 +14,7 @@ from multitag.report import markdown_table, read_csv_rows, read_json
 from multitag.registry import CHAMPION, Registry
 from multitag.storage import open_store
 from tasks.dvc import retry_transient_only, run_stage
-from tasks.pictures import ap_per_label, batch_scores, drawn, model_history, picture, training_curve
+from tasks.pictures import ap_per_label, batch_scores, drawn, model_history, picture, training_curve, tune_history
 
 SHOWN_METRICS = ["map", "micro_f1", "macro_f1", "micro_precision", "micro_recall", "hamming_loss", "subset_accuracy"]
 
@@ -225,3 +225,27 @@ def stage(name: str, workdir: str) -> dict:
 def stage_task(name: str):
     """The stage task named after its stage (training is retried once at most: it is long)."""
     return stage.with_options(name=name, retries=1 if name == "train" else 2)
+
+
+# -- the tune flow's artifact (flows/tune.py) --------------------------------------------------------
+
+def tune_markdown(t) -> str:
+    """The tune-study artifact: baseline and best trial (test mAP once each, at the end), the
+    optimisation history, every trial with its recipe, the importances and the params.yaml diff."""
+    b = t.baseline
+    md = (f"## Tune: study {t.study}\n\n"
+          + markdown_table([("the workspace's recipe (baseline)", b.get("val_map", "-"), b.get("test_map", "-")),
+                            (f"best trial {t.best['number']}" if t.best else "best trial: none finished yet",
+                             t.best["val_map"] if t.best else "-", (t.best or {}).get("test_map", "-"))],
+                           ["", "val mAP", "test mAP (scored once, at the end)"])
+          + "\n" + drawn(tune_history, t.trials))
+    md += "\n### Trials\n\n" + markdown_table(
+        [(tr["number"], tr["state"], tr["val_map"] if tr["val_map"] is not None else tr["last_val_map"] or "-",
+          tr["epochs"] or "-", ", ".join(f"{k} {v}" for k, v in tr["recipe"].items() if k != "trial_s"), tr["note"] or "")
+         for tr in t.trials], ["trial", "state", "val mAP (pruned: best reached)", "epochs", "recipe", "note"])
+    if t.importances:
+        md += "\n### Parameter importances (Optuna's PED-ANOVA)\n\n" + markdown_table(list(t.importances.items()),
+                                                                           ["parameter", "importance"])
+    md += ("\n### params.yaml, tuned\n\n```diff\n" + t.diff + "```\n" if t.diff else
+           "\n*The workspace's recipe is still the best found: params.yaml needs no change.*\n")
+    return md

@@ -13,12 +13,16 @@ def test_repo_params_load():
 
 def test_params_yaml_is_the_documented_copy_of_the_defaults():
     demo, defaults = load_params(ROOT / "params.yaml"), parse_params({})
-    # one difference, marked SAMPLE DATA there: the digits demo turns off the default's mirror
+    # the differences, marked SAMPLE DATA there: the digits demo turns off the default's mirror, in
+    # training and in the presets tune tries
     assert (demo.train.augment.preset, defaults.train.augment.preset) == ("digits", "light")
-    assert demo == defaults.model_copy(update={"train": defaults.train.model_copy(update={"augment": demo.train.augment})})
+    assert (demo.tune.augment, defaults.tune.augment) == (["digits", "none"], ["none", "light", "photos", "strong"])
+    assert demo == defaults.model_copy(update={"train": defaults.train.model_copy(update={"augment": demo.train.augment}),
+                                               "tune": defaults.tune.model_copy(update={"augment": demo.tune.augment})})
     written = defaults.dump()
     del written["lineage"]
     written["train"]["augment"] = {"preset": "digits"}  # a preset stands for its keys
+    written["tune"]["augment"] = ["digits", "none"]
     assert yaml.safe_load((ROOT / "params.yaml").read_text()) == written  # every key written out, none extra
 
 

@@ -92,9 +92,9 @@ def _project_modules() -> list[str]:
             for p in (ROOT / pkg).glob("*.py") if p.name != "__init__.py"]
 
 
-# The one library module that runs another stage's function: the review trains its fold models with
-# the train stage's own training (the same recipe the pipeline trains).
-RUNS_ANOTHER_STAGE = {"multitag.review": {"multitag.train"}}
+# The library modules that run the train stage's function: the review trains its fold models, and tune
+# its trials, with the train stage's own training (the same recipe the pipeline trains).
+RUNS_ANOTHER_STAGE = {"multitag.review": {"multitag.train"}, "multitag.tune": {"multitag.train"}}
 THIN_WRAPPERS = ("multitag.cli", "tasks.", "flows.")  # they call the stages, as dvc.yaml does
 
 

@@ -82,10 +82,12 @@ def test_ctrl_c_then_resume_repeats_no_finished_trial(prefect_server, tmp_path):
     deadline = time.time() + 300
 
     def states():
+        """The trials' states; a running trial counts once its whole recipe is drawn (it is training)."""
         if not db.exists():
             return []
         study = _open_study(ws, load_params(ws.params).tune)
-        return [t.state for t in study.get_trials(deepcopy=False)]
+        return [t.state for t in study.get_trials(deepcopy=False)
+                if t.state != optuna.trial.TrialState.RUNNING or "recipe" in t.user_attrs]
     while not (optuna.trial.TrialState.COMPLETE in states() and optuna.trial.TrialState.RUNNING in states()):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.2)

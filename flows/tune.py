@@ -22,7 +22,7 @@ from tasks.stages import tune_markdown
 def trial(work) -> dict:
     """One trial: train a recipe under its time budget, scored on the validation split."""
     outcome = work()
-    get_run_logger().info("%s: val mAP %.4f after %d epoch(s)", outcome["state"], outcome["val_map"], outcome["epochs"])
+    get_run_logger().info("%s: val mAP %s after %d epoch(s)", outcome["state"], outcome["val_map"], outcome["epochs"])
     return outcome
 
 

@@ -259,7 +259,6 @@ def tune(ws: Layout, budget: str | None = None, resume: bool = False, max_trials
         account()
         if on_trial:
             on_trial(summarise(study, ws, raw, folder, start, final=False))
-    account()
     return summarise(study, ws, raw, folder, start, final=True)
 
 

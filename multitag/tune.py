@@ -83,15 +83,21 @@ def suggest(trial, t: TuneParams) -> dict:
     return recipe
 
 
+def _put(doc, key: str, value) -> None:
+    """Set the dotted params.yaml ``key`` in the mapping ``doc`` (sections made when absent or null)."""
+    *parents, last = key.split(".")
+    for part in parents:
+        if doc.get(part) is None:
+            doc[part] = {}
+        doc = doc[part]
+    doc[last] = value
+
+
 def with_recipe(raw: dict, recipe: dict) -> dict:
     """params.yaml's mapping with ``recipe`` (searched names) put in at their keys."""
     out = copy.deepcopy(raw)
     for name, value in recipe.items():
-        *parents, last = KEYS[name].split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+        _put(out, KEYS[name], value)
     return out
 
 
@@ -258,8 +264,8 @@ def tune(ws: Layout, budget: str | None = None, resume: bool = False, max_trials
         done += 1
         account()
         if on_trial:
-            on_trial(summarise(study, ws, raw, folder, start, final=False))
-    return summarise(study, ws, raw, folder, start, final=True)
+            on_trial(summarise(study, ws, folder, start, final=False))
+    return summarise(study, ws, folder, start, final=True)
 
 
 def _keep_best_model(study, folder: Path) -> None:
@@ -278,7 +284,7 @@ def _best(study):
     return max(done, key=lambda tr: (tr.value, -tr.number)) if done else None
 
 
-def summarise(study, ws: Layout, raw: dict, folder: Path, start: float, final: bool) -> Tuning:
+def summarise(study, ws: Layout, folder: Path, start: float, final: bool) -> Tuning:
     """The study as a Tuning; with ``final``, the test split scored for the best trial and the
     baseline (once each), the params.yaml diff and the importances."""
     import optuna
@@ -316,13 +322,7 @@ def _edited(path: Path, recipe: dict) -> str:
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(path.read_text())
     for key, value in recipe.items():
-        *parents, last = key.split(".")
-        node = doc
-        for part in parents:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        node[last] = value
+        _put(doc, key, value)
     out = io.StringIO()
     rt.dump(doc, out)
     return out.getvalue()
@@ -330,8 +330,8 @@ def _edited(path: Path, recipe: dict) -> str:
 
 def params_diff(path: Path, recipe: dict) -> str:
     """A unified diff of params.yaml changed to ``recipe``."""
-    before = path.read_text()
-    return "".join(difflib.unified_diff(before.splitlines(keepends=True), _edited(path, recipe).splitlines(keepends=True),
+    before, after = path.read_text(), _edited(path, recipe)
+    return "".join(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
                                         "params.yaml", "params.yaml (tuned)"))
 
 

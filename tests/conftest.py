@@ -1,12 +1,12 @@
 import hashlib
 import json
-import threading
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -145,6 +145,16 @@ def prefect_server(tmp_path_factory):
                        lambda: "prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
     yield api
     stop_process_group(proc)
+
+
+def prefect_api(api: str, path: str, body: dict | None = None):
+    """GET (or POST ``body``) the test's Prefect server; on 2 cores, with a training run in flight,
+    it once took longer than 30 s to answer, hence the long read timeout."""
+    import httpx
+
+    r = httpx.post(api + path, json=body, timeout=90) if body is not None else httpx.get(api + path, timeout=90)
+    r.raise_for_status()
+    return r.json()
 
 
 class Webhook(ThreadingHTTPServer):

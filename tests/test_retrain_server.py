@@ -11,13 +11,13 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
 from multitag.registry import Registry
 from multitag.storage import open_store
-from tests.conftest import BIN, delete_automations, init_workspace, run, stop_process_group, tiny_params
+from tests.conftest import (BIN, delete_automations, init_workspace, prefect_api, run, stop_process_group,
+                            tiny_params)
 
 PICTURES = {"label-plots": 1, "training-curve-plot": 1, "evaluation-plots": 2, "model-history": 1}  # images per page
 STAGE_KEYS = {"dataset-summary", "label-statistics", "label-pairs", "training-curve", "test-metrics",
@@ -25,16 +25,8 @@ STAGE_KEYS = {"dataset-summary", "label-statistics", "label-pairs", "training-cu
 RETRAIN_KEYS = {"inbox-batches", "retrain-summary"}  # + batch-check when a new batch arrived
 
 
-def _api(api: str, path: str, body: dict | None = None):
-    """GET (or POST ``body``) the test's Prefect server; on 2 cores, with a training run in flight,
-    it once took longer than 30 s to answer, hence the long read timeout."""
-    r = httpx.post(api + path, json=body, timeout=90) if body is not None else httpx.get(api + path, timeout=90)
-    r.raise_for_status()
-    return r.json()
-
-
 def flow_runs(api: str, **flt) -> list[dict]:
-    return _api(api, "/flow_runs/filter", {"flow_runs": flt, "sort": "EXPECTED_START_TIME_ASC", "limit": 200})
+    return prefect_api(api, "/flow_runs/filter", {"flow_runs": flt, "sort": "EXPECTED_START_TIME_ASC", "limit": 200})
 
 
 def run_ids(api: str, run_id: str) -> list[str]:
@@ -44,7 +36,8 @@ def run_ids(api: str, run_id: str) -> list[str]:
 
 def artifact_keys(api: str, run_id: str) -> set[str]:
     """Keys of the artifacts of a flow run and of its subflow runs."""
-    return {a["key"] for a in _api(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": run_ids(api, run_id)}}})
+    return {a["key"] for a in prefect_api(api, "/artifacts/filter",
+                                          {"artifacts": {"flow_run_id": {"any_": run_ids(api, run_id)}}})
             if a["key"]}
 
 
@@ -85,7 +78,7 @@ def scheduled(prefect_server, tmp_path_factory):
     env = {"PREFECT_API_URL": prefect_server}
     deployed = run([str(BIN / "multitag"), "deploy", "--workdir", str(ws), "--interval", "10"], ws, env=env)
     assert "every 10 s" in deployed.stdout
-    deployment = _api(prefect_server, "/deployments/name/retrain/retrain")
+    deployment = prefect_api(prefect_server, "/deployments/name/retrain/retrain")
     assert deployment["global_concurrency_limit"]["limit"] == 1
     assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     batch = add_sample_batch(ws, env)
@@ -153,7 +146,7 @@ def test_prefect_ui_shows_the_run_its_state_and_metrics(scheduled, tmp_path):
     from playwright.sync_api import sync_playwright
 
     api, first = scheduled["api"], scheduled["runs"][0]
-    summary = [a for a in _api(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first["id"]]},
+    summary = [a for a in prefect_api(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first["id"]]},
                                                                        "key": {"any_": ["retrain-summary"]}}})]
     test_map = next(line for line in summary[0]["data"].splitlines() if line.startswith("| test mAP"))
     map_text = test_map.split("|")[2].split()[0]  # e.g. 0.4321
@@ -179,7 +172,7 @@ def test_prefect_ui_shows_the_run_its_state_and_metrics(scheduled, tmp_path):
         page.wait_for_timeout(1000)  # let the page's fade-in finish before the screenshot
         page.screenshot(path=str(tmp_path / "retrain-run.png"), full_page=True)
         for key, count in PICTURES.items():  # every picture on its artifact page, loaded and drawn
-            [artifact] = _api(api, "/artifacts/filter", {"artifacts": {"key": {"any_": [key]},
+            [artifact] = prefect_api(api, "/artifacts/filter", {"artifacts": {"key": {"any_": [key]},
                                                                        "flow_run_id": {"any_": run_ids(api, first["id"])}}})
             page.goto(f"{ui}/artifacts/artifact/{artifact['id']}")
             page.locator("img[src^='data:image/png']").nth(count - 1).wait_for(timeout=30_000)
@@ -189,7 +182,7 @@ def test_prefect_ui_shows_the_run_its_state_and_metrics(scheduled, tmp_path):
                                    ".map(i => i.naturalWidth)")
             assert len(widths) == count and all(w > 0 for w in widths), (key, widths)
             page.screenshot(path=str(tmp_path / f"{key}.png"), full_page=True)
-        [card] = _api(api, "/artifacts/filter", {"artifacts": {"key": {"any_": ["model-card"]},
+        [card] = prefect_api(api, "/artifacts/filter", {"artifacts": {"key": {"any_": ["model-card"]},
                                                                "flow_run_id": {"any_": run_ids(api, first["id"])}}})
         page.goto(f"{ui}/artifacts/artifact/{card['id']}")
         for heading in ("Intended use", "Known limits", "Training data", "Recipe", "Weakest labels", "Lineage"):
@@ -269,14 +262,15 @@ def test_a_retrain_run_alerts_on_a_flagged_batch_and_a_stale_champion(prefect_se
         for _ in range(2):  # deploying again updates the automations, it does not add more
             out = run([str(BIN / "multitag"), "deploy", "--workdir", str(ws), "--name", "alerts"], ws, env=env)
             assert "alerts: " + ", ".join(names) in out.stdout
-        assert sorted(a["name"] for a in _api(prefect_server, "/automations/filter", {})) == sorted(names)
+        assert sorted(a["name"] for a in prefect_api(prefect_server, "/automations/filter", {})) == sorted(names)
         # an annotator who tags ten images with one label each that they do not show, and none else: the
         # champion's batch mAP is near 0.04 whatever it learned, at least 0.1 below its test mAP
         header, *rows = (ws / "new-images/annotations.csv").read_text().splitlines()
         relabelled = [header]
         for i, row in enumerate(rows):
             file, tags = row.split(",", 1)
-            relabelled.append(f"{file},{next(d for d in '0123456789' if d not in tags.split())}" if i < 10 else f"{file},")
+            wrong = next(d for d in "0123456789" if d not in tags.split())
+            relabelled.append(f"{file},{wrong}" if i < 10 else f"{file},")
         (ws / "new-images/relabelled.csv").write_text("\n".join(relabelled) + "\n")
         run([str(BIN / "multitag"), "inbox", "add", "new-images", "--annotations", "relabelled.csv", "--images",
              "images", "--name", "batch-2"], ws, env=env)

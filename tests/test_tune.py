@@ -17,7 +17,7 @@ from multitag.config import load_params
 from multitag.errors import ConfigError
 from multitag.layout import TUNE, Layout
 from multitag.tune import KEYS, _open_study, apply, tune
-from tests.conftest import BIN, ROOT, run, tiny_data, tiny_params
+from tests.conftest import BIN, ROOT, prefect_api, run, tiny_data, tiny_params
 
 
 def workspace(root, **tune_section) -> Layout:
@@ -27,13 +27,6 @@ def workspace(root, **tune_section) -> Layout:
     p["tune"].update({"trial_s": 10, **tune_section})
     ws.params.write_text(yaml.safe_dump(p, sort_keys=False))
     return ws
-
-
-def _api(api, path, body):
-    import httpx
-    r = httpx.post(api + path, json=body, timeout=60)
-    r.raise_for_status()
-    return r.json()
 
 
 def test_tune_flow_runs_trials_as_tasks_and_reads_the_test_split_only_at_the_end(prefect_server, tmp_path,
@@ -61,12 +54,12 @@ def test_tune_flow_runs_trials_as_tasks_and_reads_the_test_split_only_at_the_end
     kept = sorted(p.name for p in (ws.root / TUNE / result["study"]).iterdir())
     assert kept == ["baseline", f"trial-{best['number']:03d}"]
 
-    [flow_run] = _api(prefect_server, "/flow_runs/filter", {"flow_runs": {"name": {"like_": "tune ws:"}}})
-    names = sorted(t["name"] for t in _api(prefect_server, "/task_runs/filter",
+    [flow_run] = prefect_api(prefect_server, "/flow_runs/filter", {"flow_runs": {"name": {"like_": "tune ws:"}}})
+    names = sorted(t["name"] for t in prefect_api(prefect_server, "/task_runs/filter",
                                            {"flow_runs": {"id": {"any_": [flow_run["id"]]}}}))
     assert names[0].startswith("baseline: the workspace's recipe (10 s)")
     assert [n.split(":")[0] for n in names[1:]] == ["trial 0", "trial 1"] and "lr " in names[1]
-    versions = sorted(_api(prefect_server, "/artifacts/filter", {"artifacts": {
+    versions = sorted(prefect_api(prefect_server, "/artifacts/filter", {"artifacts": {
         "key": {"any_": ["tune-study"]}, "flow_run_id": {"any_": [flow_run["id"]]}}}), key=lambda a: a["created"])
     assert len(versions) == 3  # updated after each trial, and at the end
     assert "### Trials" in versions[-1]["data"] and "data:image/png;base64," in versions[-1]["data"]

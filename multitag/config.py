@@ -209,7 +209,7 @@ class ReviewParams(_Section):
     enabled: bool = False         # the review stage trains `folds` models: off unless asked for
     folds: int = Field(5, ge=2, le=20)  # out-of-sample probabilities from this many folds (fewer: weaker models)
     time_budget_s: float | None = Field(None, gt=0)  # seconds of training per fold (default: train's epochs)
-    threshold: float = Field(0.7, ge=0.5, lt=1)  # likely missing: not given, p >= this; likely extra: given, p < 1 - this
+    threshold: float = Field(0.5, ge=0.5, lt=1)  # likely missing: not given, calibrated chance it shows >= this
 
 
 class StoreParams(_Section):

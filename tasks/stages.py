@@ -146,7 +146,7 @@ def render_review(ws: Layout) -> dict:
     if summary["enabled"]:
         rows = read_csv_rows(ws.label_issues)
         create_table_artifact(key="label-issues", table=[{k: r[k] for k in ("image", "given", "likely_missing",
-                                                                          "likely_extra", "quality", "flagged")}
+                                                                          "likely_extra", "quality", "chance", "flagged")}
                                                          for r in rows[:200]],
                               description=f"label review: the 200 least likely annotations of {len(rows)}; "
                                           f"{summary['flagged']} flagged (all in {ws.label_issues.name}); the "

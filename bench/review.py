@@ -2,6 +2,8 @@
 help the model?
 
     .venv/bin/python bench/review.py --data sample --images 2000 --noise 0.05 --folds 5
+    .venv/bin/python bench/review.py --images 2000 --seed 1 --no-retrain --save d.npz  # e.g. on a GPU machine
+    .venv/bin/python bench/review.py --scores d.npz ...                                # then judge it here
 
 On a clean data set, a share ``--noise`` of the images gets one error each (seeded): a true label
 dropped (two times in three: missing tags are the common error) or a false one added. The review
@@ -69,6 +71,26 @@ def scores(truth: np.ndarray, worst: np.ndarray, flagged: np.ndarray) -> str:
             f"precision at T {truth[top].mean():.3f}, AUROC {roc_auc_score(truth, worst):.3f}")
 
 
+def judge(probs: np.ndarray, noisy: np.ndarray, corrupted: np.ndarray, test: np.ndarray, threshold: float):
+    """The review's flags and ranking (all images, as the stage does) and cleanlab's on the same
+    probabilities, scored on the reviewable (non-test) images; prints both and returns the review's."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.multilabel_classification import get_label_quality_scores
+
+    found = find_issues(noisy, probs, threshold)
+    keep, truth = ~test, corrupted[~test]
+    given = [list(np.flatnonzero(row)) for row in noisy[keep]]
+    quality = get_label_quality_scores(given, probs[keep], aggregator_kwargs={"method": "softmin"})
+    cleanlab_flags = np.zeros(keep.sum(), bool)
+    cleanlab_flags[find_label_issues(given, probs[keep], multi_label=True)] = True
+    print(f"{len(noisy)} images ({keep.sum()} reviewed, {int(truth.sum())} corrupted), {noisy.shape[1]} labels; "
+          f"the fold models' held-out mAP {mean_ap(noisy, probs):.3f}")
+    print(f"multitag: {scores(truth, 1 - found['quality'].to_numpy()[keep], found['flagged'].to_numpy()[keep])}; "
+          f"estimated {found['chance'].sum():.0f} images with a wrong label")
+    print(f"cleanlab: {scores(truth, -quality, cleanlab_flags)}")
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", choices=["sample", "hard"], default="sample")
@@ -77,11 +99,16 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0, help="of the data and of the injected errors")
     ap.add_argument("--no-retrain", action="store_true", help="skip the three models trained to score the fixes")
+    ap.add_argument("--save", type=Path, help="keep the out-of-sample probabilities and the labels here (.npz)")
+    ap.add_argument("--scores", type=Path, nargs="+", help="judge saved .npz files instead (no data, no training)")
     args = ap.parse_args()
-    from cleanlab.filter import find_label_issues
-    from cleanlab.multilabel_classification import get_label_quality_scores
-
     params = load_params(ROOT / "params.yaml")
+    if args.scores:
+        for path in args.scores:
+            d = np.load(path)
+            print(f"{path.name}: ", end="")
+            judge(d["probs"], d["y"].astype(np.uint8), d["corrupted"], d["test"], params.review.threshold)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sample = SampleParams(preset="digits" if args.data == "sample" else "hard", n_images=args.images,
@@ -103,19 +130,11 @@ def main() -> None:
         start = time.perf_counter()
         x, _, manifest = load_split(ws, None)
         probs = out_of_sample(params.train, ws, x.numpy(), manifest, args.folds, params.review.time_budget_s)
-        found = find_issues(noisy, probs, params.review.threshold)
-        seconds = time.perf_counter() - start
-        keep, truth = ~test, corrupted[~test]
-        given = [list(np.flatnonzero(row)) for row in noisy[keep]]
-        quality = get_label_quality_scores(given, probs[keep], aggregator_kwargs={"method": "softmin"})
-        cleanlab_flags = np.zeros(keep.sum(), bool)
-        cleanlab_flags[find_label_issues(given, probs[keep], multi_label=True)] = True
-        print(f"data: {args.data} seed {args.seed}, {len(clean)} images ({keep.sum()} reviewed, {int(truth.sum())} "
-              f"corrupted: {args.noise:.0%}), {clean.shape[1]} labels; {args.folds} folds, review took {seconds:.0f} s; "
-              f"the fold models' held-out mAP {mean_ap(noisy, probs):.3f}")
-        print(f"multitag: {scores(truth, 1 - found['quality'].to_numpy()[keep], found['flagged'].to_numpy()[keep])}; "
-              f"estimated {found['chance'].sum():.0f} images with a wrong label")
-        print(f"cleanlab: {scores(truth, -quality, cleanlab_flags)}")
+        print(f"data: {args.data} seed {args.seed}, {args.noise:.0%} of the images corrupted; {args.folds} folds, "
+              f"the fold models took {time.perf_counter() - start:.0f} s; ", end="")
+        if args.save:
+            np.savez(args.save, probs=probs, y=noisy, clean=clean, test=test, corrupted=corrupted)
+        found = judge(probs, noisy, corrupted, test, params.review.threshold)
         if args.no_retrain:
             return
         fixed = noisy.copy()

@@ -7,13 +7,13 @@ the fold it never saw. Each label's probabilities are then calibrated against th
 estimating how often those are wrong (``doubts``: EM under label flips), which ranks the images,
 sizes the flagged set by the expected number of wrong images, and names the likely missing and likely
 extra labels (``find_issues``). cleanlab's multi-label ranking and filter, which this stage used
-before, flagged 3-5 times the errors injected when the fold models reached 0.8-0.9 mAP
-(bench/review.py prints both).
+before, flagged 2.3-10 times the errors injected where the fold models reached 0.6-0.9 held-out mAP
+(bench/review.py prints both; bench/RESULTS.md).
 
 Outputs: ``reports/label_issues.csv`` (every image, worst first: given labels, likely missing,
 likely extra, the suggested labels, quality score, the chance that a label is wrong, whether flagged,
-and an empty ``accept`` column for a person to fill), ``reports/plots/label_issues.png`` (a contact sheet of the top suspects with
-given vs suggested labels), ``reports/review.json`` (DVC metrics). ``multitag review export`` turns
+and an empty ``accept`` column for a person to fill), ``reports/plots/label_issues.png`` (a contact
+sheet of the top suspects with given vs suggested labels), ``reports/review.json`` (DVC metrics). ``multitag review export`` turns
 the accepted rows into an inbox batch (multitag/inbox.py): corrections are versioned like any other batch.
 
 With ``review.enabled: false`` (the default) the stage writes the three files saying so, at once.
@@ -113,7 +113,6 @@ def doubts(y: np.ndarray, probs: np.ndarray, rounds: int = 100) -> tuple[np.ndar
         added = (g * (1 - shows)).sum() / max((1 - shows).sum(), 1e-12)
         if max(abs(missed - before[0]), abs(added - before[1])) < 1e-6:
             break
-
     return np.where(g == 1, 1 - shows, shows), c
 
 
@@ -145,6 +144,8 @@ def find_issues(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> pd.
     of images with a wrong label, so the flags follow the data's error rate, not the models'. A flagged
     image names at least its most doubtful label.
     """
+    if not len(y):
+        return pd.DataFrame({"quality": [], "chance": [], "flagged": [], "missing": [], "extra": []})
     wrong, shows = doubts(y, probs)
 
     def logit(q):
@@ -152,7 +153,7 @@ def find_issues(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> pd.
         return np.log(q / (1 - q))
     ratio = logit(shows) - logit(shows.mean(axis=0))
     evidence = np.where(y == 1, -ratio, ratio)
-    strongest = evidence.max(axis=1) if evidence.size else np.zeros(len(y))
+    strongest = evidence.max(axis=1, initial=-np.inf)  # -inf: no labels at all
     chance = 0.0 - np.expm1(np.log1p(-np.minimum(wrong, 1 - 1e-12)).sum(axis=1))  # tiny chances kept; no -0.0
     flagged = np.zeros(len(y), bool)
     flagged[np.argsort(-strongest, kind="stable")[:int(round(chance.sum()))]] = True

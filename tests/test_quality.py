@@ -112,8 +112,8 @@ def test_flags_are_sized_by_the_estimated_number_of_wrong_annotations(model_nois
         found = find_issues(given, probs)
         flags = found["flagged"].to_numpy()
         assert flags.sum() == round(found["chance"].sum())  # as many as the estimate
-        # The count follows the data's errors, not the models' (cleanlab's filter flagged 3-5 times the
-        # number injected on fold models at 0.8-0.9 mAP): never far above it, never a small fraction.
+        # The count follows the data's errors, not the models' (cleanlab's filter flagged 2.3-10 times the
+        # number injected on fold models at 0.6-0.9 mAP): never far above it, never a small fraction.
         assert 0.5 * len(wrong) <= flags.sum() <= 1.2 * len(wrong), (share, flags.sum(), len(wrong))
         if model_noise < 2:
             assert flags[wrong].sum() >= 0.8 * flags.sum()  # and mostly right

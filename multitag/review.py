@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit, logit
 
 from multitag.config import Params, TrainParams
 from multitag.dataset import load_split, select_device
@@ -101,23 +102,19 @@ def doubts(y: np.ndarray, probs: np.ndarray, rounds: int = 100) -> tuple[np.ndar
     p = np.clip(probs.astype(np.float64), 1e-4, 1 - 1e-4)  # float32 sigmoids saturate at 0 and 1
     x = np.stack([np.ones_like(p), np.log(p), -np.log1p(-p)], axis=-1)  # (images, labels, 3)
     theta = np.zeros((g.shape[1], 3))
-    shows, missed, added = g.copy(), 0.01, 0.01
+    posterior, missed, added = g.copy(), 0.01, 0.01  # P(shows | probability, annotation), the two rates
     learnable = g.min(axis=0) < g.max(axis=0)
     for _ in range(rounds):
-        theta = _calibrate(x, shows, theta)
-        c = np.where(learnable, _sigmoid(np.einsum("nlk,lk->nl", x, theta)), g)
-        shows = np.where(g == 1, (1 - missed) * c / ((1 - missed) * c + added * (1 - c)),
-                         missed * c / (missed * c + (1 - added) * (1 - c)))
+        theta = _calibrate(x, posterior, theta)
+        c = np.where(learnable, expit(np.einsum("nlk,lk->nl", x, theta)), g)
+        posterior = np.where(g == 1, (1 - missed) * c / ((1 - missed) * c + added * (1 - c)),
+                             missed * c / (missed * c + (1 - added) * (1 - c)))
         before = missed, added
-        missed = ((1 - g) * shows).sum() / max(shows.sum(), 1e-12)
-        added = (g * (1 - shows)).sum() / max((1 - shows).sum(), 1e-12)
+        missed = ((1 - g) * posterior).sum() / max(posterior.sum(), 1e-12)
+        added = (g * (1 - posterior)).sum() / max((1 - posterior).sum(), 1e-12)
         if max(abs(missed - before[0]), abs(added - before[1])) < 1e-6:
             break
-    return np.where(g == 1, 1 - shows, shows), c
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-np.clip(z, -50, 50)))
+    return np.where(g == 1, 1 - posterior, posterior), c
 
 
 def _calibrate(x: np.ndarray, target: np.ndarray, theta: np.ndarray, steps: int = 5) -> np.ndarray:
@@ -126,7 +123,7 @@ def _calibrate(x: np.ndarray, target: np.ndarray, theta: np.ndarray, steps: int 
     (scikit-learn's C=1)."""
     penalty = np.diag([0.0] + [1.0] * (x.shape[-1] - 1))
     for _ in range(steps):
-        q = _sigmoid(np.einsum("nlk,lk->nl", x, theta))
+        q = expit(np.einsum("nlk,lk->nl", x, theta))
         grad = np.einsum("nlk,nl->lk", x, target - q) - theta @ penalty
         hess = np.einsum("nlk,nl,nlm->lkm", x, q * (1 - q), x) + penalty + 1e-9 * np.eye(x.shape[-1])
         theta = theta + np.linalg.solve(hess, grad[..., None])[..., 0]
@@ -147,11 +144,7 @@ def find_issues(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> pd.
     if not len(y):
         return pd.DataFrame({"quality": [], "chance": [], "flagged": [], "missing": [], "extra": []})
     wrong, shows = doubts(y, probs)
-
-    def logit(q):
-        q = np.clip(q, 1e-9, 1 - 1e-9)
-        return np.log(q / (1 - q))
-    ratio = logit(shows) - logit(shows.mean(axis=0))
+    ratio = logit(np.clip(shows, 1e-9, 1 - 1e-9)) - logit(np.clip(shows.mean(axis=0), 1e-9, 1 - 1e-9))
     evidence = np.where(y == 1, -ratio, ratio)
     strongest = evidence.max(axis=1, initial=-np.inf)  # -inf: no labels at all
     chance = 0.0 - np.expm1(np.log1p(-np.minimum(wrong, 1 - 1e-12)).sum(axis=1))  # tiny chances kept; no -0.0
@@ -159,7 +152,7 @@ def find_issues(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> pd.
     flagged[np.argsort(-strongest, kind="stable")[:int(round(chance.sum()))]] = True
     named = np.where(y == 1, shows < 1 - threshold, shows >= threshold)
     named |= flagged[:, None] & (evidence == strongest[:, None])
-    return pd.DataFrame({"quality": _sigmoid(-strongest), "chance": chance, "flagged": flagged,
+    return pd.DataFrame({"quality": expit(-strongest), "chance": chance, "flagged": flagged,
                          "missing": list(named & (y == 0)), "extra": list(named & (y == 1))})
 
 

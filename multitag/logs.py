@@ -70,7 +70,8 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     install_filters()
-    for noisy in ("httpx", "botocore"):  # a line per Prefect API request, per S3 client otherwise
+    # a line per Prefect API request, per S3 client, per ONNX exporter graph pass otherwise
+    for noisy in ("httpx", "botocore", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -31,7 +31,8 @@ def _run_in_plain_shell(ws, tmp_path):
 
 
 def test_ctrl_c_stops_a_run_at_once_with_one_line_and_the_next_run_resumes(tmp_path):
-    ws = init_workspace(tmp_path / "ws", tiny_params(sample={"n_images": 160}, train={"epochs": 40, "patience": 40}))
+    # enough epochs that Ctrl-C after the first lands mid-training (patience as long: no early stop)
+    ws = init_workspace(tmp_path / "ws", tiny_params(sample={"n_images": 160}, train={"epochs": 12, "patience": 12}))
     proc = subprocess.Popen([str(BIN / "multitag"), "run"], cwd=ws, env=_plain_shell_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     checkpoint = ws / ".multitag/checkpoints/last.pt"

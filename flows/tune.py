@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import describe_run, run_name
 from multitag.layout import Layout
-from multitag.tune import tune
+from multitag.tune import one_by_one, tune
 from tasks.stages import tune_markdown
 
 
@@ -22,8 +22,18 @@ from tasks.stages import tune_markdown
 def trial(work) -> dict:
     """One trial: train a recipe under its time budget, scored on the validation split."""
     outcome = work()
-    get_run_logger().info("%s: val mAP %s after %d epoch(s)", outcome["state"], outcome["val_map"], outcome["epochs"])
+    get_run_logger().info("%s: val mAP %s after %d epoch(s)%s", outcome["state"], outcome["val_map"], outcome["epochs"],
+                          f" on Dask worker {outcome['worker']}" if "worker" in outcome else "")
     return outcome
+
+
+def _trials(jobs: list[tuple]) -> list:
+    """Each (name, work) a task run named after its trial, run at once when there are several (each
+    waits on its Dask task); each outcome, or the exception its task raised (the search goes on)."""
+    if len(jobs) == 1:  # in the flow's own thread, where Ctrl-C reaches the training
+        [(name, work)] = jobs
+        return one_by_one([(name, lambda: trial.with_options(task_run_name=name)(work))])
+    return one_by_one([(name, trial.with_options(task_run_name=name).submit(work).result) for name, work in jobs])
 
 
 def _publish(tuning) -> None:
@@ -36,8 +46,7 @@ def tune_flow(workdir: str = ".", budget: str | None = None, resume: bool = Fals
               max_trials: int | None = None) -> dict:
     """Search the training recipe on the workspace's prepared data within ``budget``."""
     ws = Layout(Path(workdir).resolve())
-    tuning = tune(ws, budget, resume, max_trials, on_trial=_publish,
-                  run_trial=lambda name, work: trial.with_options(task_run_name=name)(work))
+    tuning = tune(ws, budget, resume, max_trials, on_trial=_publish, run_trials=_trials)
     _publish(tuning)
     best = tuning.best
     describe_run(f"tune {ws.root.name}: {len(tuning.trials)} trials, best val mAP {best['val_map']:.4f}" if best else

@@ -42,6 +42,9 @@ def _client(spec: str):
         raise ConfigError(f"compute.dask: {spec!r} needs Dask: install the scale extra, "
                           "pip install 'multitag[scale]' (make setup installs it)") from None
     if spec.startswith("local:"):
+        # its scheduler runs in this process: no INFO line per worker, connection and key (Dask sets its
+        # loggers' levels when first imported, after multitag's logging setup)
+        logging.getLogger("distributed").setLevel(logging.WARNING)
         cluster = LocalCluster(n_workers=int(spec.removeprefix("local:")), threads_per_worker=1, processes=True,
                                dashboard_address=None)
         return Client(cluster), cluster
@@ -115,7 +118,7 @@ def executor(p: ComputeParams, local_workers: int = 0) -> Iterator:
             check_versions(client, p.dask)
         except OSError as err:  # the scheduler went away in the meantime
             raise _lost(p.dask, err) from None
-        log.info("image work on the Dask cluster at %s (%d workers)", client.scheduler.address,
+        log.info("work on the Dask cluster at %s (%d workers)", client.scheduler.address,
                  len(client.nthreads()))
         yield client
     finally:

@@ -255,6 +255,7 @@ class TuneParams(_Section):
     trial_s: float | None = Field(None, ge=10)  # seconds of training per trial (null: the study's, or a sixth of
                                                 # its first budget, at least 60 s)
     seed: int = 0                 # the sampler's seed
+    parallel: int = Field(1, ge=1)  # trials trained at once, each a task on compute.dask's cluster (needs it when > 1)
     lr: list[float] = [0.0003, 0.01]
     weight_decay: list[float] = [0.001, 0.2]
     batch_size: list[int] = [16, 32, 64]
@@ -331,6 +332,10 @@ class Params(_Section):
             raise ValueError(f"train.launcher kubernetes needs store.uri on S3 (s3://bucket/prefix), not "
                              f"{self.store.uri!r}: the training pods put the model and checkpoints there, and "
                              "cannot reach a folder of this machine")
+        if self.tune.parallel > 1 and self.compute.dask is None:
+            raise ValueError(f"tune.parallel {self.tune.parallel} trains that many trials at once on a Dask cluster, "
+                             f"and compute.dask is null: set it to local:{self.tune.parallel} (processes on this "
+                             "machine) or tcp://scheduler:8786, or set tune.parallel to 1")
         return self
 
     def dump(self) -> dict:

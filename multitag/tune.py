@@ -14,6 +14,10 @@ content hash): a second tune continues it, and ``resume`` spends what an interru
 of its budget. A trial that fails (a non-finite loss, out of memory) is recorded as failed and the
 search goes on; one that was interrupted is recorded as failed and its recipe queued again.
 
+With ``tune.parallel`` N > 1, N trials are drawn at once and each, like the baseline, trains as a task
+on ``compute.dask``'s cluster (``fit_on_worker``): not pruned mid-way, its epochs told to the study when
+it ends. A cluster that goes away ends the tune (ComputeError); the trials it held are failed and queued.
+
 Searched (params.yaml's ``tune`` section): lr, weight decay, batch size, schedule, loss (with the
 focal gamma or ASL's negative gamma), EMA, augmentation preset, head, model. Not searched: the input
 size (ingest.image_size: another size is another ingest) and epochs (the trial's time decides them).
@@ -21,6 +25,7 @@ size (ingest.image_size: another size is another ingest) and epochs (the trial's
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import hashlib
@@ -36,7 +41,7 @@ import yaml
 
 from multitag.config import TuneParams, duration_s, load_params, parse_params
 from multitag.dataset import load_split, select_device
-from multitag.errors import ConfigError
+from multitag.errors import ComputeError, ConfigError
 from multitag.layout import TUNE, Layout, read_manifest
 from multitag.metrics import mean_ap
 from multitag.report import write_atomic
@@ -130,9 +135,19 @@ def fit(raw: dict, recipe: dict, ws: Layout, folder: Path, trial=None) -> dict:
     try:
         result = train(p, trial_layout(ws, folder), on_epoch=report)
     except optuna.TrialPruned:
-        return {"state": "pruned", "val_map": round(max(scores), 4), "epochs": len(scores)}
+        return {"state": "pruned", "val_map": round(max(scores), 4), "epochs": len(scores), "scores": scores}
     best = result.best_val_map
-    return {"state": "complete", "val_map": best if best is None else round(best, 4), "epochs": result.epochs_run}
+    return {"state": "complete", "val_map": best if best is None else round(best, 4), "epochs": result.epochs_run,
+            "scores": scores}
+
+
+def fit_on_worker(jobs: list[tuple]) -> list[dict]:
+    """``fit`` for each (params.yaml mapping, recipe, workspace, trial folder) on a Dask worker: the
+    paths are this machine's, which the workers share; no pruning (the study stays on this machine)."""
+    from distributed import get_worker
+
+    return [{**fit(raw, recipe, Layout(Path(root)), Path(folder)), "worker": str(get_worker().name)}
+            for raw, recipe, root, folder in jobs]
 
 
 def test_map(ws: Layout, folder: Path) -> float:
@@ -172,7 +187,9 @@ def _open_study(ws: Layout, t: TuneParams):
     folder.mkdir(parents=True, exist_ok=True)
     return optuna.create_study(study_name=f"data-{data_id(ws)}", storage=f"sqlite:///{folder / 'study.db'}",
                                direction="maximize", load_if_exists=True,
-                               sampler=optuna.samplers.TPESampler(seed=t.seed, multivariate=True),
+                               # trials drawn before others finish: the liar keeps them apart
+                               sampler=optuna.samplers.TPESampler(seed=t.seed, multivariate=True,
+                                                                  constant_liar=t.parallel > 1),
                                pruner=optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3))
 
 
@@ -192,14 +209,26 @@ def describe(recipe: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in recipe.items() if k != "trial_s")
 
 
+def one_by_one(jobs: list[tuple]) -> list:
+    """Each (name, work): work's outcome, or the exception it raised."""
+    outcomes = []
+    for _, work in jobs:
+        try:
+            outcomes.append(work())
+        except Exception as err:  # recorded by the caller: the search goes on
+            outcomes.append(err)
+    return outcomes
+
+
 def tune(ws: Layout, budget: str | None = None, resume: bool = False, max_trials: int | None = None,
-         run_trial=None, on_trial=None) -> Tuning:
-    """Search the recipe (module docstring). ``run_trial(name, fit)`` runs one trial's training
-    (the flow makes each a Prefect task); ``on_trial(tuning)`` is called after each trial."""
-    import optuna
+         run_trials=None, on_trial=None) -> Tuning:
+    """Search the recipe (module docstring). ``run_trials([(name, work), ...])`` runs trials'
+    training, ``tune.parallel`` at once, and returns each outcome or the exception it raised (the
+    flow makes each a Prefect task); ``on_trial(tuning)`` is called after each trial."""
+    from multitag.compute import executor, map_chunks
 
     start = time.time()
-    run_trial = run_trial or (lambda name, work: work())
+    run_trials = run_trials or one_by_one
     params = load_params(ws.params)
     raw, t = yaml.safe_load(ws.params.read_text()), params.tune
     _check_data(ws)
@@ -228,44 +257,78 @@ def tune(ws: Layout, budget: str | None = None, resume: bool = False, max_trials
         study.set_user_attr("budget_left_s", max(0.0, deadline - time.time()))
         study.set_user_attr("spent_s", before + time.time() - start)
 
-    if BASELINE not in study.user_attrs:
-        baseline = {"recipe": {"trial_s": trial_s}}
-        try:
-            baseline.update(run_trial(f"baseline: the workspace's recipe ({trial_s:.0f} s)",
-                                      lambda: fit(raw, {"trial_s": trial_s}, ws, folder / BASELINE)))
-        except Exception as err:  # the user's own recipe failing is worth saying, and the search goes on
-            log.warning("the workspace's recipe failed on this data: %s", err)
-            baseline.update(state="fail", note=str(err)[:300])
-        study.set_user_attr(BASELINE, baseline)
-        account()
-    done = 0
-    while deadline - time.time() >= trial_s and (max_trials is None or done < max_trials):
-        trial = study.ask()
-        recipe = {**suggest(trial, t), "trial_s": trial_s}
-        trial.set_user_attr("recipe", recipe)
-        where = folder / f"trial-{trial.number:03d}"
-        try:
-            outcome = run_trial(f"trial {trial.number}: {describe(recipe)}", lambda: fit(raw, recipe, ws, where, trial))
-        except Exception as err:  # nan loss, out of memory, a recipe the data cannot take: the search goes on
-            log.warning("trial %d failed: %s", trial.number, err)
-            trial.set_user_attr("note", str(err)[:300])
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        else:
-            trial.set_user_attr("epochs", outcome["epochs"])
-            trial.set_user_attr("finished_s", round(before + time.time() - start, 1))
-            if outcome["state"] == "pruned":
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            elif outcome["val_map"] is None or math.isnan(outcome["val_map"]):
-                trial.set_user_attr("note", "no validation mAP (no label has a positive in the val split)")
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    with executor(params.compute) if t.parallel > 1 else contextlib.nullcontext() as cluster:
+        def work(recipe: dict, where: Path, trial=None):
+            """One trial's training: here (pruned by ``trial``), or as a task on the cluster, where the
+            baseline trains too (a recipe and its baseline on the same kind of machine)."""
+            if cluster is None:
+                return lambda: fit(raw, recipe, ws, where, trial)
+            job = [(raw, recipe, str(ws.root.resolve()), str(where.resolve()))]
+            return lambda: next(map_chunks(fit_on_worker, job, cluster, 1, params.compute))[0]
+
+        if BASELINE not in study.user_attrs:
+            baseline = {"recipe": {"trial_s": trial_s}}
+            [outcome] = run_trials([(f"baseline: the workspace's recipe ({trial_s:.0f} s)",
+                                     work({"trial_s": trial_s}, folder / BASELINE))])
+            if isinstance(outcome, ComputeError):  # the cluster, not the recipe: nothing recorded
+                raise outcome
+            if isinstance(outcome, Exception):  # the user's own recipe failing is worth saying; the search goes on
+                log.warning("the workspace's recipe failed on this data: %s", outcome)
+                baseline.update(state="fail", note=str(outcome)[:300])
             else:
-                study.tell(trial, outcome["val_map"])
-        _keep_best_model(study, folder)
-        done += 1
-        account()
-        if on_trial:
-            on_trial(summarise(study, ws, folder, start, final=False))
+                baseline.update({k: v for k, v in outcome.items() if k != "scores"})
+            study.set_user_attr(BASELINE, baseline)
+            account()
+        done = 0
+        while deadline - time.time() >= trial_s and (max_trials is None or done < max_trials):
+            batch = []
+            for _ in range(min(t.parallel, max_trials - done if max_trials is not None else t.parallel)):
+                trial = study.ask()
+                recipe = {**suggest(trial, t), "trial_s": trial_s}
+                trial.set_user_attr("recipe", recipe)
+                batch.append((trial, f"trial {trial.number}: {describe(recipe)}",
+                              work(recipe, folder / f"trial-{trial.number:03d}", trial)))
+            outcomes = run_trials([(name, job) for _, name, job in batch])
+            for (trial, _, _), outcome in zip(batch, outcomes):
+                _record(study, trial, outcome, round(before + time.time() - start, 1))
+            _keep_best_model(study, folder)
+            done += len(batch)
+            account()
+            lost = next((o for o in outcomes if isinstance(o, ComputeError)), None)
+            if lost:  # the cluster went away: the trials it held are failed, their recipes queued for --resume
+                raise lost
+            if on_trial:
+                on_trial(summarise(study, ws, folder, start, final=False))
     return summarise(study, ws, folder, start, final=True)
+
+
+def _record(study, trial, outcome, finished_s: float) -> None:
+    """A trial's outcome (or the exception its training raised) told to the study."""
+    import optuna
+
+    if isinstance(outcome, ComputeError):  # not the recipe's fault: tried again by the next tune
+        trial.set_user_attr("note", "interrupted: " + str(outcome)[:280])
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params)
+        return
+    if isinstance(outcome, Exception):  # nan loss, out of memory, a recipe the data cannot take
+        log.warning("trial %d failed: %s", trial.number, outcome)
+        trial.set_user_attr("note", str(outcome)[:300])
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return
+    trial.set_user_attr("epochs", outcome["epochs"])
+    trial.set_user_attr("finished_s", finished_s)
+    if "worker" in outcome:  # trained on the cluster: its epochs told now (nothing was pruned)
+        trial.set_user_attr("worker", outcome["worker"])
+        for epoch, score in enumerate(outcome["scores"], 1):
+            trial.report(score, epoch)
+    if outcome["state"] == "pruned":
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    elif outcome["val_map"] is None or math.isnan(outcome["val_map"]):
+        trial.set_user_attr("note", "no validation mAP (no label has a positive in the val split)")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    else:
+        study.tell(trial, outcome["val_map"])
 
 
 def _keep_best_model(study, folder: Path) -> None:

@@ -145,3 +145,5 @@ def test_refusals_name_the_problem(tmp_path):
         tune(ws, resume=True)
     with pytest.raises(ConfigError, match=r"tune.lr: must be \[low, high\]"):  # an invalid space
         tune(workspace(tmp_path / "ws3", lr=[0.1, 0.01]), "5m")
+    with pytest.raises(ConfigError, match=r"tune.parallel 2 .* compute.dask is null: set it to local:2"):
+        tune(workspace(tmp_path / "ws4", parallel=2), "5m")

@@ -61,12 +61,12 @@ def main() -> None:
 def report(ws: Path, a, default: float, tuned: float, tune_s: float, tuned_s: float) -> None:
     from multitag.config import load_params
     from multitag.layout import Layout
-    from multitag.tune import _best, _open_study
+    from multitag.tune import best_trial, open_study
 
     layout = Layout(ws)
-    study = _open_study(layout, load_params(layout.params).tune)
+    study = open_study(layout, load_params(layout.params).tune)
     trials = study.get_trials(deepcopy=False)
-    baseline, best = study.user_attrs["baseline"], _best(study)
+    baseline, best = study.user_attrs["baseline"], best_trial(study)
     states = [t.state.name.lower() for t in trials]
     print(f"tune --budget {a.budget}: {tune_s:.0f} s, {len(trials)} trials ({states.count('complete')} finished, "
           f"{states.count('pruned')} pruned, {states.count('fail')} failed) of {study.user_attrs['trial_s']:.0f} s "

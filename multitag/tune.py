@@ -179,7 +179,8 @@ def _check_data(ws: Layout) -> None:
                           "(ingest.val_fraction)")
 
 
-def _open_study(ws: Layout, t: TuneParams):
+def open_study(ws: Layout, t: TuneParams):
+    """The workspace's Optuna study of its prepared data (made when absent)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -232,7 +233,7 @@ def tune(ws: Layout, budget: str | None = None, resume: bool = False, max_trials
     params = load_params(ws.params)
     raw, t = yaml.safe_load(ws.params.read_text()), params.tune
     _check_data(ws)
-    study = _open_study(ws, t)
+    study = open_study(ws, t)
     _requeue_interrupted(study)
     if resume:
         total = study.user_attrs.get("budget_left_s", 0)
@@ -333,14 +334,15 @@ def _record(study, trial, outcome, finished_s: float) -> None:
 
 def _keep_best_model(study, folder: Path) -> None:
     """Only the best finished trial's model (and the baseline's) stay on disk."""
-    best = _best(study)
+    best = best_trial(study)
     keep = {BASELINE, f"trial-{best.number:03d}" if best else None}
     for path in folder.glob("trial-*"):
         if path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _best(study):
+def best_trial(study):
+    """The finished trial with the highest validation mAP (the earliest of equals), or None."""
     import optuna
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -359,7 +361,7 @@ def summarise(study, ws: Layout, folder: Path, start: float, final: bool) -> Tun
                "last_val_map": max(tr.intermediate_values.values()) if tr.intermediate_values else None}
               for tr in study.get_trials(deepcopy=False)]
     baseline = dict(study.user_attrs.get(BASELINE, {}))
-    best = _best(study)
+    best = best_trial(study)
     best = next(tr for tr in trials if tr["number"] == best.number) if best else None
     diff, recipe, importances = "", {}, {}
     if final:

@@ -489,50 +489,53 @@ def test_the_rbac_grants_exactly_the_calls_the_training_launcher_makes():
     assert models["ServiceAccount", "multitag-train"].automount_service_account_token is False
 
 
-def test_tune_trains_trials_at_once_on_the_cluster_and_stops_when_it_is_lost(dask_cluster, prefect_server, tmp_path):
-    """`tune.parallel: 2` on the two workers: the trials run at once, each on a worker, as task runs
-    of the tune flow; then the cluster's scheduler killed mid-trial: the tune ends with the cluster
+def test_tune_trains_trials_at_once_on_the_cluster_and_stops_when_it_is_lost(prefect_server, tmp_path):
+    """`tune.parallel: 2` on a cluster of two workers: the trials run at once, each on a worker, as
+    task runs of the tune flow; then its scheduler killed mid-trial: the tune ends with the cluster
     named, its trials failed and their recipes queued for the next tune."""
     import optuna
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.tune import tune_flow
     from multitag.config import load_params
-    from multitag.tune import _open_study, tune
+    from multitag.layout import TUNE
+    from multitag.tune import open_study, tune
     from tests.conftest import prefect_api
+    from tests.test_retrain_server import wait_for
     from tests.test_tune import workspace
 
     ws = workspace(tmp_path / "cluster-ws", parallel=2)
+    address, scheduler, workers = start_dask(tmp_path / "dask", workers=2)  # the module's lost a worker
     params = yaml.safe_load(ws.params.read_text())
-    params["compute"]["dask"] = dask_cluster[0]
+    params["compute"]["dask"] = address
     ws.params.write_text(yaml.safe_dump(params, sort_keys=False))
-    with temporary_settings({PREFECT_API_URL: prefect_server}):
-        result = tune_flow(workdir=str(ws.root), budget="5m", max_trials=2)
+
+    def kill_mid_trial():  # once a worker has begun the third trial (of 10 s)
+        wait_for(lambda: list((ws.root / TUNE).glob("*/trial-002")), 120, "the third trial", 0.1)
+        os.killpg(scheduler.pid, signal.SIGKILL)
+    killer = threading.Thread(target=kill_mid_trial)
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server}):
+            result = tune_flow(workdir=str(ws.root), budget="5m", max_trials=2)
+        killer.start()
+        with pytest.raises(ComputeError, match=f"the Dask cluster at {address} went away midway"):
+            tune(ws, "5m", max_trials=2)
+    finally:
+        if killer.is_alive():
+            killer.join()
+        for proc in (*workers, scheduler):
+            stop_process_group(proc)
     assert [t["state"] for t in result["trials"]] == ["complete", "complete"]
     assert result["baseline"]["state"] == "complete" and result["best"]["test_map"] is not None
-    study = _open_study(ws, load_params(ws.params).tune)
-    assert sorted(t.user_attrs["worker"] for t in study.trials) == ["w0", "w1"]
-    assert all(len(t.intermediate_values) == t.user_attrs["epochs"] for t in study.trials)  # every epoch told
     [flow_run] = prefect_api(prefect_server, "/flow_runs/filter", {"flow_runs": {"name": {"like_": "tune cluster-ws:"}}})
     trials = sorted((t for t in prefect_api(prefect_server, "/task_runs/filter",
                                             {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
                      if t["name"].startswith("trial ")), key=lambda t: t["start_time"])
     assert len(trials) == 2 and trials[1]["start_time"] < trials[0]["end_time"]  # at once
-
-    address, scheduler, workers = start_dask(tmp_path / "dask", workers=1)
-    params["compute"]["dask"] = address
-    ws.params.write_text(yaml.safe_dump(params, sort_keys=False))
-    killer = threading.Timer(8, lambda: os.killpg(scheduler.pid, signal.SIGKILL))  # trials of 10 s, mid-way
-    killer.start()
-    try:
-        with pytest.raises(ComputeError, match=f"the Dask cluster at {address} went away midway"):
-            tune(ws, "5m", max_trials=2)
-    finally:
-        killer.join()
-        for proc in (*workers, scheduler):
-            stop_process_group(proc)
-    study = _open_study(ws, load_params(ws.params).tune)
-    lost = study.trials[2:4]
+    study = open_study(ws, load_params(ws.params).tune)
+    done, lost = study.trials[:2], study.trials[2:4]
+    assert sorted(t.user_attrs["worker"] for t in done) == ["w0", "w1"]
+    assert all(len(t.intermediate_values) == t.user_attrs["epochs"] for t in done)  # every epoch told
     assert [t.state for t in lost] == [optuna.trial.TrialState.FAIL] * 2
     assert all(t.user_attrs["note"].startswith("interrupted: ") for t in lost)
     queued = [t.system_attrs["fixed_params"] for t in study.trials if t.state == optuna.trial.TrialState.WAITING]

@@ -16,7 +16,7 @@ import multitag.train
 from multitag.config import load_params
 from multitag.errors import ConfigError
 from multitag.layout import TUNE, Layout
-from multitag.tune import KEYS, _open_study, apply, tune
+from multitag.tune import KEYS, apply, open_study, tune
 from tests.conftest import BIN, ROOT, prefect_api, run, tiny_data, tiny_params
 
 
@@ -43,7 +43,7 @@ def test_tune_flow_runs_trials_as_tasks_and_reads_the_test_split_only_at_the_end
     assert "test" not in splits and {"train", "val"} <= set(splits)  # the trials read train and val only
     assert [t["state"] for t in result["trials"]].count("fail") == 0
     assert len(result["trials"]) == 2 and result["baseline"]["state"] == "complete"
-    study = _open_study(ws, load_params(ws.params).tune)
+    study = open_study(ws, load_params(ws.params).tune)
     assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
     assert all(t.intermediate_values for t in study.trials)  # every epoch reported to the pruner
     best = result["best"]
@@ -78,7 +78,7 @@ def test_ctrl_c_then_resume_repeats_no_finished_trial(prefect_server, tmp_path):
         """The trials' states; a running trial counts once its whole recipe is drawn (it is training)."""
         if not db.exists():
             return []
-        study = _open_study(ws, load_params(ws.params).tune)
+        study = open_study(ws, load_params(ws.params).tune)
         return [t.state for t in study.get_trials(deepcopy=False)
                 if t.state != optuna.trial.TrialState.RUNNING or "recipe" in t.user_attrs]
     while not (optuna.trial.TrialState.COMPLETE in states() and optuna.trial.TrialState.RUNNING in states()):
@@ -87,14 +87,14 @@ def test_ctrl_c_then_resume_repeats_no_finished_trial(prefect_server, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "multitag tune --resume" in out, out
-    study = _open_study(ws, load_params(ws.params).tune)
+    study = open_study(ws, load_params(ws.params).tune)
     finished = {t.number: (t.value, t.params) for t in study.trials if t.state.is_finished()}
     interrupted = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert len(interrupted) == 1
 
     resumed = run([str(BIN / "multitag"), "tune", "--resume", "--trials", "1"], ws.root, env=env)
     assert "study data-" in resumed.stdout
-    study = _open_study(ws, load_params(ws.params).tune)
+    study = open_study(ws, load_params(ws.params).tune)
     assert {t.number: (t.value, t.params) for t in study.trials if t.number in finished} == finished
     again = study.trials[interrupted[0].number]
     assert again.state == optuna.trial.TrialState.FAIL and again.user_attrs["note"] == "interrupted"

@@ -183,15 +183,23 @@ def open_study(ws: Layout, t: TuneParams):
     """The workspace's Optuna study of its prepared data (made when absent)."""
     import optuna
 
+    from sqlalchemy.exc import OperationalError
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = ws.root / TUNE
     folder.mkdir(parents=True, exist_ok=True)
-    return optuna.create_study(study_name=f"data-{data_id(ws)}", storage=f"sqlite:///{folder / 'study.db'}",
-                               direction="maximize", load_if_exists=True,
-                               # trials drawn before others finish: the liar keeps them apart
-                               sampler=optuna.samplers.TPESampler(seed=t.seed, multivariate=True,
-                                                                  constant_liar=t.parallel > 1),
-                               pruner=optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3))
+    for attempt in range(3):
+        try:
+            return optuna.create_study(study_name=f"data-{data_id(ws)}", storage=f"sqlite:///{folder / 'study.db'}",
+                                       direction="maximize", load_if_exists=True,
+                                       # trials drawn before others finish: the liar keeps them apart
+                                       sampler=optuna.samplers.TPESampler(seed=t.seed, multivariate=True,
+                                                                          constant_liar=t.parallel > 1),
+                                       pruner=optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3))
+        except OperationalError as err:  # another process made the new database's tables at the same moment
+            if "already exists" not in str(err) or attempt == 2:
+                raise
+            time.sleep(0.5)
 
 
 def _requeue_interrupted(study) -> None:

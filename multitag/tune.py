@@ -182,7 +182,6 @@ def _check_data(ws: Layout) -> None:
 def open_study(ws: Layout, t: TuneParams):
     """The workspace's Optuna study of its prepared data (made when absent)."""
     import optuna
-
     from sqlalchemy.exc import OperationalError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -207,10 +206,17 @@ def _requeue_interrupted(study) -> None:
     import optuna
 
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        optuna.Trial(study, trial._trial_id).set_user_attr("note", "interrupted")
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-        study.enqueue_trial(trial.params)
-        log.info("trial %d was interrupted: failed, its recipe queued again", trial.number)
+        _requeue(study, trial, "interrupted")
+
+
+def _requeue(study, trial, note: str) -> None:
+    """A running ``trial`` (live or frozen) that did not end: failed with ``note``, its recipe queued again."""
+    import optuna
+
+    optuna.Trial(study, trial._trial_id).set_user_attr("note", note)
+    study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    study.enqueue_trial(trial.params)
+    log.info("trial %d was interrupted: failed, its recipe queued again", trial.number)
 
 
 def describe(recipe: dict) -> str:
@@ -291,7 +297,7 @@ def tune(ws: Layout, budget: str | None = None, resume: bool = False, max_trials
         done = 0
         while deadline - time.time() >= trial_s and (max_trials is None or done < max_trials):
             batch = []
-            for _ in range(min(t.parallel, max_trials - done if max_trials is not None else t.parallel)):
+            for _ in range(t.parallel if max_trials is None else min(t.parallel, max_trials - done)):
                 trial = study.ask()
                 recipe = {**suggest(trial, t), "trial_s": trial_s}
                 trial.set_user_attr("recipe", recipe)
@@ -316,9 +322,7 @@ def _record(study, trial, outcome, finished_s: float) -> None:
     import optuna
 
     if isinstance(outcome, ComputeError):  # not the recipe's fault: tried again by the next tune
-        trial.set_user_attr("note", "interrupted: " + str(outcome)[:280])
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params)
+        _requeue(study, trial, "interrupted: " + str(outcome)[:280])
         return
     if isinstance(outcome, Exception):  # nan loss, out of memory, a recipe the data cannot take
         log.warning("trial %d failed: %s", trial.number, outcome)

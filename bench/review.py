@@ -10,7 +10,8 @@ dropped (two times in three: missing tags are the common error) or a false one a
 stage's own functions then run: out-of-sample probabilities from ``--folds`` fold models, and the
 flags and ranking of multitag/review.py. Printed: precision and recall of the flagged images against
 the corrupted ones, precision among the T worst-ranked (T = the number corrupted) and the ranking's
-AUROC; beside them, on the same probabilities, cleanlab's multi-label ranking
+AUROC; beside them, on the same probabilities, the review without the other labels' context
+(``find_issues(..., context=False)``) and cleanlab's multi-label ranking
 (``get_label_quality_scores``, softmin) and filter (``find_label_issues``), which the review used
 before. Fewer images make weaker fold models: on the sample data 3,000 images give held-out mAP about
 0.98, 2,000 about 0.8-0.9. Then (unless --no-retrain) a model is trained on the noisy labels and one on
@@ -72,8 +73,9 @@ def scores(truth: np.ndarray, worst: np.ndarray, flagged: np.ndarray) -> str:
 
 
 def judge(probs: np.ndarray, noisy: np.ndarray, corrupted: np.ndarray, test: np.ndarray, threshold: float):
-    """The review's flags and ranking (all images, as the stage does) and cleanlab's on the same
-    probabilities, scored on the reviewable (non-test) images; prints both and returns the review's."""
+    """The review's flags and ranking (all images, as the stage does), the same without the other
+    labels' context, and cleanlab's on the same probabilities, scored on the reviewable (non-test)
+    images; prints the three and returns the review's."""
     from cleanlab.filter import find_label_issues
     from cleanlab.multilabel_classification import get_label_quality_scores
 
@@ -87,6 +89,9 @@ def judge(probs: np.ndarray, noisy: np.ndarray, corrupted: np.ndarray, test: np.
           f"the fold models' held-out mAP {mean_ap(noisy, probs):.3f}")
     print(f"multitag: {scores(truth, 1 - found['quality'].to_numpy()[keep], found['flagged'].to_numpy()[keep])}; "
           f"estimated {found['chance'].sum():.0f} images with a wrong label")
+    bare = find_issues(noisy, probs, threshold, context=False)
+    print(f"multitag without the other labels' context: "
+          f"{scores(truth, 1 - bare['quality'].to_numpy()[keep], bare['flagged'].to_numpy()[keep])}")
     print(f"cleanlab: {scores(truth, -quality, cleanlab_flags)}")
     return found
 
@@ -129,7 +134,7 @@ def main() -> None:
         np.save(ws.targets, noisy)
         start = time.perf_counter()
         x, _, manifest = load_split(ws, None)
-        probs = out_of_sample(params.train, ws, x.numpy(), manifest, args.folds, params.review.time_budget_s)
+        probs = out_of_sample(params, ws, x.numpy(), manifest, args.folds, params.review.time_budget_s)
         print(f"data: {args.data} seed {args.seed}, {args.noise:.0%} of the images corrupted; {args.folds} folds, "
               f"the fold models took {time.perf_counter() - start:.0f} s; ", end="")
         if args.save:

@@ -37,7 +37,7 @@ def test_ctrl_c_stops_a_run_at_once_with_one_line_and_the_next_run_resumes(tmp_p
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     checkpoint = ws / ".multitag/checkpoints/last.pt"
     wait_for(lambda: checkpoint.exists() or proc.poll() is not None, 300, "the first training checkpoint", 0.1)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    assert proc.poll() is None, f"the run ended before it could be interrupted:\n{proc.communicate()[1][-3000:]}"
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground process group
     try:
         out, err = proc.communicate(timeout=10)

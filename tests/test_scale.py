@@ -217,6 +217,23 @@ def test_predict_on_a_dask_cluster_equals_the_local_one(dask_cluster, tmp_path, 
     assert np.abs(local["p_a"].replace("", np.nan).astype(float) - cluster["p_a"].astype(float)).max() < 1e-5
 
 
+def test_the_review_s_fold_models_train_as_tasks_on_the_cluster(dask_cluster, data, tmp_path, caplog):
+    from multitag.review import review
+
+    address, _, _ = dask_cluster
+    recipe = {**tiny_params(), "review": {"enabled": True, "folds": 2},
+              "train": {"model": "simple_cnn", "epochs": 2, "batch_size": 16, "device": "cpu"}}
+    here = review(parse_params(recipe), data)
+    table = pd.read_csv(data.label_issues, keep_default_na=False)
+    with caplog.at_level("INFO", logger="multitag.review"):
+        cluster = review(parse_params({**recipe, "compute": {"dask": address}}), data)
+    assert len(re.findall(r"review fold \d/2: scored \d+ images \(trained on the Dask worker tcp://", caplog.text)) == 2
+    assert cluster == here  # the same fold models: the same flags and held-out mAP
+    on_cluster = pd.read_csv(data.label_issues, keep_default_na=False)
+    assert on_cluster["sha256"].tolist() == table["sha256"].tolist()
+    assert np.abs(on_cluster["quality"] - table["quality"]).max() < 1e-3
+
+
 def test_workers_that_run_other_code_are_refused_with_the_versions_named(dask_cluster, tmp_path):
     from multitag.compute import executor
     from multitag.errors import ClusterError
@@ -315,7 +332,8 @@ def test_a_node_whose_partner_or_rendezvous_never_comes_stops_in_time(data, tmp_
         (lonely.root / "params.yaml").write_text(yaml.safe_dump(params))
         start = time.time()
         proc = run([str(BIN / "multitag"), "stage", "train"], lonely.root, check=False, timeout=120)
-        assert proc.returncode == 1 and time.time() - start < 45, (endpoint, time.time() - start)
+        # the 10 s wait plus starting Python, torch and torchrun, not a hang (51 s once on 2 loaded cores)
+        assert proc.returncode == 1 and time.time() - start < 90, (endpoint, time.time() - start)
         assert f"the 2 nodes must all reach {endpoint}" in proc.stderr
         assert "train.join_timeout_s (10 s)" in proc.stderr
 

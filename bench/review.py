@@ -7,7 +7,7 @@ help the model?
 
 On a clean data set, a share ``--noise`` of the images gets one error each (seeded): a true label
 dropped (two times in three: missing tags are the common error) or a false one added. The review
-stage's own functions then run: out-of-sample probabilities from ``--folds`` fold models, and the
+stage's own functions then run: out-of-sample probabilities from ``--folds`` x ``--repeats`` fold models, and the
 flags and ranking of multitag/review.py. Printed: precision and recall of the flagged images against
 the corrupted ones, precision among the T worst-ranked (T = the number corrupted) and the ranking's
 AUROC; beside them, on the same probabilities, the review without the other labels' context
@@ -102,12 +102,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--noise", type=float, default=0.05)
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=None, help="review.repeats (default: params.yaml's)")
     ap.add_argument("--seed", type=int, default=0, help="of the data and of the injected errors")
     ap.add_argument("--no-retrain", action="store_true", help="skip the three models trained to score the fixes")
     ap.add_argument("--save", type=Path, help="keep the out-of-sample probabilities and the labels here (.npz)")
     ap.add_argument("--scores", type=Path, nargs="+", help="judge saved .npz files instead (no data, no training)")
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
+    params = params.model_copy(update={"review": params.review.model_copy(update={
+        "folds": args.folds, "repeats": args.repeats or params.review.repeats})})
     if args.scores:
         for path in args.scores:
             d = np.load(path)
@@ -134,8 +137,9 @@ def main() -> None:
         np.save(ws.targets, noisy)
         start = time.perf_counter()
         x, _, manifest = load_split(ws, None)
-        probs = out_of_sample(params, ws, x.numpy(), manifest, args.folds, params.review.time_budget_s)
-        print(f"data: {args.data} seed {args.seed}, {args.noise:.0%} of the images corrupted; {args.folds} folds, "
+        probs = out_of_sample(params, ws, x.numpy(), manifest)
+        print(f"data: {args.data} seed {args.seed}, {args.noise:.0%} of the images corrupted; {args.folds} folds "
+              f"x {params.review.repeats}, "
               f"the fold models took {time.perf_counter() - start:.0f} s; ", end="")
         if args.save:
             np.savez(args.save, probs=probs, y=noisy, clean=clean, test=test, corrupted=corrupted)

@@ -3,7 +3,8 @@
 Every labelled image gets an out-of-sample probability for every label: the images are cut into
 ``review.folds`` folds by content hash, and for each fold a model is trained with the configured
 recipe on the other folds (``review.time_budget_s`` seconds each, or ``train``'s epochs) and scores
-the fold it never saw. Each label's probabilities are read beside the image's other given labels
+the fold it never saw; that is done ``review.repeats`` times along other parts of the hash and the
+probabilities averaged. Each label's probabilities are read beside the image's other given labels
 (``in_context``: what a model's confusions and the labels that go together say), then calibrated
 against the annotations while estimating how often those are wrong (``doubts``: EM under label
 flips), which ranks the images, sizes the flagged set by the expected number of wrong images, and
@@ -49,27 +50,35 @@ COLUMNS = ["image", "sha256", "given", "likely_missing", "likely_extra", "sugges
 WEAK_MODELS = 0.6
 
 
-def fold_of(digest: str, folds: int) -> int:
-    """A fold from the content hash (another part of it than the split uses)."""
-    return int(digest[16:24], 16) % folds
+# the parts of an image's content hash that draw its fold in each repeat (the split uses [:16] and the
+# fold models' validation share [24:32])
+FOLD_HASH = [slice(16, 24), slice(40, 48), slice(48, 56), slice(56, 64), slice(32, 40)]
 
 
-def out_of_sample(params: Params, layout: Layout, x: np.ndarray, manifest: pd.DataFrame, folds: int,
-                  time_budget_s: float | None) -> np.ndarray:
+def fold_of(digest: str, folds: int, repeat: int = 0) -> int:
+    """An image's fold in the ``repeat``-th drawing, from its content hash."""
+    return int(digest[FOLD_HASH[repeat]], 16) % folds
+
+
+def out_of_sample(params: Params, layout: Layout, x: np.ndarray, manifest: pd.DataFrame) -> np.ndarray:
     """(images, labels) probabilities for the images ``x`` of the whole ``manifest`` (its rows in
-    order), each image's from a model trained without it. With ``compute.dask`` set the fold models
-    train at once, each a task on that cluster (its workers read the prepared data at this machine's
-    paths: a shared file system); else one after another in this process."""
+    order), each image's the mean of ``review.repeats`` models' trained without it: the images are cut
+    into ``review.folds`` folds ``repeats`` times, each time along another part of their hash. With
+    ``compute.dask`` set the fold models train at once, each a task on that cluster (its workers read
+    the prepared data at this machine's paths: a shared file system); else one after another here."""
     from multitag.compute import executor, map_chunks
 
-    fold = np.array([fold_of(d, folds) for d in manifest["sha256"]])
-    recipe = params.train.model_copy(update={"time_budget_s": time_budget_s} if time_budget_s else {})
-    jobs = [(recipe, str(layout.root.resolve()), manifest, fold, k, x[fold == k]) for k in range(folds)]
-    probs = np.full((len(manifest), len(read_json(layout.vocabulary)["labels"])), np.nan, np.float32)
+    r = params.review
+    recipe = params.train.model_copy(update={"time_budget_s": r.time_budget_s} if r.time_budget_s else {})
+    cuts = [(np.array([fold_of(d, r.folds, i) for d in manifest["sha256"]]), k)
+            for i in range(r.repeats) for k in range(r.folds)]
+    jobs = [(recipe, str(layout.root.resolve()), manifest, fold, k, x[fold == k]) for fold, k in cuts]
+    probs = np.zeros((len(manifest), len(read_json(layout.vocabulary)["labels"])), np.float32)
     with executor(params.compute, local_workers=1) as pool:
-        for k, [(scores, where)] in enumerate(map_chunks(fold_models, jobs, pool, 1, params.compute)):
-            probs[fold == k] = scores
-            log.info("review fold %d/%d: scored %d images (trained %s)", k + 1, folds, len(scores), where)
+        for n, ((fold, k), [(scores, where)]) in enumerate(zip(cuts, map_chunks(fold_models, jobs, pool, 1,
+                                                                                 params.compute))):
+            probs[fold == k] += scores / r.repeats
+            log.info("review fold model %d/%d: scored %d images (trained %s)", n + 1, len(cuts), len(scores), where)
     return probs
 
 
@@ -233,7 +242,7 @@ def review(params: Params, layout: Layout) -> dict:
     x, y, manifest = load_split(layout, None)
     x, y = x.numpy(), y.numpy().astype(np.uint8)
     labels = read_json(layout.vocabulary)["labels"]
-    probs = out_of_sample(params, layout, x, manifest, r.folds, r.time_budget_s)
+    probs = out_of_sample(params, layout, x, manifest)
     found = find_issues(y, probs, r.threshold)
     heldout = mean_ap(y, probs)
     names = np.array(labels, dtype=object)
@@ -250,13 +259,14 @@ def review(params: Params, layout: Layout) -> dict:
     table = pd.DataFrame(rows, columns=COLUMNS)
     _contact_sheet(table, x, manifest, sheet, "", heldout)
     result = {"enabled": True, "images": len(rows), "flagged": int(found["flagged"].sum()),
-              "estimated_wrong": round(float(found["chance"].sum()), 1), "folds": r.folds,
+              "estimated_wrong": round(float(found["chance"].sum()), 1), "folds": r.folds, "repeats": r.repeats,
               "heldout_map": round(heldout, 4) if heldout == heldout else None,
               "with_likely_missing": int(np.any(np.stack(found["missing"]), axis=1).sum()) if rows else 0,
               "with_likely_extra": int(np.any(np.stack(found["extra"]), axis=1).sum()) if rows else 0}
     write_json(summary, result)
-    log.info("label review: %d of %d images flagged (%d folds, %.0f s; the fold models' held-out mAP %.3f); "
-             "worst first in %s", result["flagged"], len(rows), r.folds, time.time() - start, heldout, out_csv)
+    log.info("label review: %d of %d images flagged (%d folds x %d, %.0f s; the fold models' held-out mAP %.3f); "
+             "worst first in %s", result["flagged"], len(rows), r.folds, r.repeats, time.time() - start, heldout,
+             out_csv)
     if heldout < WEAK_MODELS:
         log.warning("label review: the fold models reach only %.2f held-out mAP, so the ranking mostly follows "
                     "the models' errors, not the labels' (%d flagged): use a stronger recipe (train.*, more "

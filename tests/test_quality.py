@@ -4,6 +4,7 @@ apart and written as a batch to fill in, and the champion is checked on every ne
 import csv
 import hashlib
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from multitag.suggest import pick, uncertainty, write_batch_skeleton
 from tests.conftest import BIN, run, tiny_params
 
 
-def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, tmp_path):
+def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, tmp_path, caplog):
     images = tmp_path / "images"  # the annotated images the prepared data came from
     images.mkdir()
     # labels and a file name a spreadsheet would run as formulas (ingest accepts both)
@@ -46,13 +47,17 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
     np.save(data.targets, y)
     params = parse_params({**tiny_params(), "review": {"enabled": True, "folds": 3},
                            "train": {"model": "simple_cnn", "epochs": 6, "batch_size": 16, "lr": 0.003, "device": "cpu"}})
-    result = review(params, data)
+    with caplog.at_level("INFO", logger="multitag.review"):
+        result = review(params, data)
     with data.label_issues.open(newline="") as f:
         formulas = [c for row in csv.reader(f) for c in row if c.startswith(("=", "+", "-", "@", "\t", "\r"))]
     assert not formulas, formulas  # written as text: ' before each, which read_csv_rows takes off
     rows = read_csv_rows(data.label_issues)
     assert {t for r in rows for t in r["given"].split()} <= set(hostile) and "+1.png" in {r["image"] for r in rows}
     assert result["images"] == len(rows) == len(y) and data.label_issues_plot.stat().st_size > 10_000
+    assert (result["folds"], result["repeats"]) == (3, 2)  # 6 fold models, each image scored by 2 of them
+    scored = [int(n) for n in re.findall(r"review fold model \d/6: scored (\d+) images \(trained here\)", caplog.text)]
+    assert len(scored) == 6 and sum(scored) == 2 * len(y)
     assert result["heldout_map"] > WEAK_MODELS  # models good enough for their flags to mean something
     injected = set(manifest["sha256"][wrong])
     worst = {r["sha256"] for r in rows[:len(wrong)]}
@@ -85,7 +90,7 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
 
 
 def test_a_review_by_models_too_weak_to_trust_says_so(data, caplog):
-    params = parse_params({**tiny_params(), "review": {"enabled": True, "folds": 2},
+    params = parse_params({**tiny_params(), "review": {"enabled": True, "folds": 2, "repeats": 1},
                            "train": {"model": "simple_cnn", "epochs": 1, "lr": 1e-7, "device": "cpu"}})
     with caplog.at_level("WARNING", logger="multitag.review"):
         result = review(params, data)

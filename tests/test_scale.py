@@ -227,7 +227,7 @@ def test_the_review_s_fold_models_train_as_tasks_on_the_cluster(dask_cluster, da
     table = pd.read_csv(data.label_issues, keep_default_na=False)
     with caplog.at_level("INFO", logger="multitag.review"):
         cluster = review(parse_params({**recipe, "compute": {"dask": address}}), data)
-    assert len(re.findall(r"review fold \d/2: scored \d+ images \(trained on the Dask worker tcp://", caplog.text)) == 2
+    assert len(re.findall(r"review fold model \d/4: scored \d+ images \(trained on the Dask worker tcp://", caplog.text)) == 4
     assert cluster == here  # the same fold models: the same flags and held-out mAP
     on_cluster = pd.read_csv(data.label_issues, keep_default_na=False)
     assert on_cluster["sha256"].tolist() == table["sha256"].tolist()

@@ -7,8 +7,8 @@ help the model?
 
 On a clean data set, a share ``--noise`` of the images gets one error each (seeded): a true label
 dropped (two times in three: missing tags are the common error) or a false one added. The review
-stage's own functions then run: out-of-sample probabilities from ``--folds`` x ``--repeats`` fold models, and the
-flags and ranking of multitag/review.py. Printed: precision and recall of the flagged images against
+stage's own functions then run: out-of-sample probabilities from ``--folds`` x ``--repeats`` fold
+models, and the flags and ranking of multitag/review.py. Printed: precision and recall of the flagged images against
 the corrupted ones, precision among the T worst-ranked (T = the number corrupted) and the ranking's
 AUROC; beside them, on the same probabilities, the review without the other labels' context
 (``find_issues(..., context=False)``) and cleanlab's multi-label ranking

@@ -144,17 +144,22 @@ def test_a_clean_data_set_flags_almost_nothing(model_noise):
     assert found["flagged"].sum() <= share * len(given) and found["chance"].sum() < share * len(given)
 
 
-def test_a_model_that_mistakes_one_label_for_another_is_read_beside_the_other_labels():
-    given, probs, wrong = scored_annotations(0.05, 3.0, confusion=4.0)
+@pytest.mark.parametrize("labels", [8, 30])  # 30: each label read beside the 8 that go most with it
+def test_a_model_that_mistakes_one_label_for_another_is_read_beside_the_other_labels(labels):
+    given, probs, wrong = scored_annotations(0.05, 3.0, labels=labels, confusion=4.0)
     bare, read = find_issues(given, probs, context=False), find_issues(given, probs)
-
-    def top(found):  # the share of corrupted images among the as many worst-ranked
-        return np.isin(np.argsort(found["quality"].to_numpy(), kind="stable")[:len(wrong)], wrong).mean()
-    assert top(read) > top(bare) + 0.05, (top(read), top(bare))  # 0.43 against 0.32
-    assert 0.6 * len(wrong) <= read["flagged"].sum() <= 1.2 * len(wrong), read["flagged"].sum()  # 55 of 75
-    # the confusion read away: label 0 is no longer "likely missing" wherever label 1 is given
-    missing = np.stack(read["missing"])[:, 0]
-    assert missing[given[:, 1] == 1].mean() < 2 * missing[given[:, 1] == 0].mean() + 0.01
+    assert 0.6 * len(wrong) <= read["flagged"].sum() <= 1.2 * len(wrong), read["flagged"].sum()  # 55, 59 of 75
+    # the confusion read away: a label is no likelier to be called missing where the one it is taken
+    # for is given (without the context 0.14 against 0.02, at both sizes; with it 0.04-0.07 against 0.04-0.05)
+    taken_for = np.roll(given, -1, axis=1) == 1
+    missing = np.stack(read["missing"])
+    assert missing[taken_for].mean() < 2 * missing[~taken_for].mean(), missing[taken_for].mean()
+    bare_missing = np.stack(bare["missing"])
+    assert bare_missing[taken_for].mean() > 4 * bare_missing[~taken_for].mean()  # the case is one to read away
+    if labels == 8:  # and the ranking gains (0.43 against 0.32 of the worst 75 corrupted)
+        def top(found):
+            return np.isin(np.argsort(found["quality"].to_numpy(), kind="stable")[:len(wrong)], wrong).mean()
+        assert top(read) > top(bare) + 0.05, (top(read), top(bare))
 
 
 def test_review_off_writes_its_outputs_saying_so_and_suggest_without_a_model_changes_nothing(data, tmp_path):

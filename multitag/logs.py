@@ -70,8 +70,8 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     install_filters()
-    # a line per Prefect API request, per S3 client, per ONNX exporter graph pass otherwise
-    for noisy in ("httpx", "botocore", "onnxscript", "onnx_ir"):
+    # a line per Prefect API request, per S3 client otherwise
+    for noisy in ("httpx", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -71,11 +71,9 @@ class _ToTaskLog(logging.Handler):
 
 
 @contextlib.contextmanager
-def _logs_into(task_logger, levels=(("multitag", logging.INFO), ("dvc", logging.INFO),
-                                   ("onnxscript", logging.WARNING), ("onnx_ir", logging.WARNING))):
-    """While a stage runs in this process: its log, DVC's and the ONNX exporter's warnings go into the
-    task's log (the terminal gets them from there) instead of their own handlers (DVC's print to stdout)
-    or the root logger's; not the exporter's INFO lines, a dozen notes on its graph passes per export."""
+def _logs_into(task_logger, levels=(("multitag", logging.INFO), ("dvc", logging.INFO))):
+    """While a stage runs in this process: its log and DVC's go into the task's log (the terminal gets
+    them from there) instead of their own handlers (DVC's print to stdout) or the root logger's."""
     loggers = [logging.getLogger(n) for n, _ in levels]
     handler = _ToTaskLog(task_logger)
     before = [(lg.handlers, lg.propagate, lg.level) for lg in loggers]

@@ -2,16 +2,19 @@ import json
 import multiprocessing as mp
 
 import pytest
-import torch
 
 from multitag.config import parse_params
-from multitag.models import build_model, save_model_file
 from multitag.registry import CHAMPION, Comparison, Registry
 from multitag.errors import NotFound
 from multitag.storage import open_store
 
 
 def _model_file(path, seed: int):
+    import torch  # here, not at the top: the registering processes of the concurrency test import this
+                  # module, and they need no torch (5 s a process on 2 cores)
+
+    from multitag.models import build_model, save_model_file
+
     torch.manual_seed(seed)
     m = build_model("simple_cnn", 3, 8)
     save_model_file(path, arch="simple_cnn", labels=["a", "b", "c"], image_size=8, state_dict=m.state_dict())

@@ -9,7 +9,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -81,31 +80,68 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def start_temporary_api():
-    """Without PREFECT_API_URL, a flow runs on Prefect's temporary API server, which the first flow
-    call starts and waits for (10-20 s on 2 cores, mostly importing the server). Start it now in a
-    thread instead, so that the caller loads what the run needs meanwhile; returns the function that
-    waits for it (and raises its error). Prefect keeps one temporary server per process, so the flow
-    then finds this one running."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+@contextmanager
+def temporary_api():
+    """Prefect's temporary API server for a flow run from the command line when no API is configured
+    (PREFECT_API_URL in the environment or the Prefect profile), started as Prefect's ephemeral mode
+    starts it (uvicorn serving Prefect's server app, no UI), but before the caller loads what the run
+    needs rather than at the first flow call: Prefect's own start imports the server's code in the
+    caller's process first (4 s on 2 cores), then waits 7-10 s for it to answer. It registers no block
+    types at its start: their memo alone imports every installed Prefect integration (3 s), and a
+    temporary server only records this command's flow and task runs (a `multitag server` or `prefect
+    server start` registers them). Yields the function that waits until it answers; within the block
+    Prefect uses it, and it stops when the block ends."""
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED,
+                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, PREFECT_UI_URL,
+                                  get_current_settings, temporary_settings)
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return lambda: None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    errors: list[BaseException] = []
-
-    def start():
-        try:
-            SubprocessASGIServer().start()
-        except Exception as err:  # raised in the caller's thread by wait()
-            errors.append(err)
-
-    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
-    thread.start()
+        yield lambda: None
+        return
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = quiet_env(**get_current_settings().to_environment_variables(exclude_unset=True), PREFECT_UI_ENABLED="0",
+                    PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1",
+                    PREFECT_SERVER_REGISTER_BLOCKS_ON_START="false",
+                    PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION="false")
+    log.info("PREFECT_API_URL is not set: this command's flow runs on a temporary Prefect server at %s (a "
+             "`multitag server` keeps the runs and shows them in the UI)", api)
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                            env=env)
 
     def wait() -> None:
-        thread.join()
-        if errors:
-            raise errors[0]
-    return wait
+        timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        deadline = time.time() + timeout
+        while not healthy(api):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(
+                    "Prefect's temporary API server did not start "
+                    + (f"(exit status {proc.returncode}; its error is printed above)" if proc.poll() is not None
+                       else f"within {timeout} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+                    + ": start one with `multitag server` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+            time.sleep(0.1)
+
+    try:
+        # PREFECT_UI_URL empty: no "View at" link to a UI this server does not serve
+        with temporary_settings({PREFECT_API_URL: api, PREFECT_UI_URL: ""}):
+            try:
+                yield wait
+            finally:  # the log lines and events Prefect still holds, sent before the server stops
+                from prefect.events.worker import EventsWorker
+                from prefect.logging.handlers import APILogWorker
+
+                for worker in (APILogWorker, EventsWorker):
+                    logging.getLogger(worker.__name__).setLevel(logging.ERROR)  # not "Still processing items"
+                    worker.drain_all(timeout=10)
+    finally:
+        _stop(proc)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -151,16 +152,19 @@ def _run_stage(name: str, workdir: Path) -> None:
     run_stage(name, workdir)
 
 
-def _load_while_the_api_starts() -> None:
-    """Load the flows, DVC and torch (seconds each; the stages run in the flow's process, tasks/dvc.py)
-    while Prefect's temporary API server starts, instead of one after the other."""
-    from flows.server import start_temporary_api
+@contextlib.contextmanager
+def _flow_api():
+    """The Prefect API a flow run from this command reports to: the configured one, or a temporary
+    server (flows/server.py) that starts while the flows, DVC and torch load (seconds each; the stages
+    run in the flow's process, tasks/dvc.py) instead of one after the other."""
+    from flows.server import temporary_api
 
-    wait = start_temporary_api()
-    import dvc.repo  # noqa: F401
-    import flows.retrain  # noqa: F401  (and flows.pipeline)
-    import multitag.train  # noqa: F401
-    wait()
+    with temporary_api() as wait:
+        import dvc.repo  # noqa: F401
+        import flows.retrain  # noqa: F401  (and flows.pipeline)
+        import multitag.train  # noqa: F401
+        wait()
+        yield
 
 
 @app.command()
@@ -172,10 +176,10 @@ def run(workdir: WorkdirOption = Path(".")):
     _stop_on_interrupt("run")
     start = time.time()
     _params(workdir)  # a bad params.yaml stops here, before Prefect starts
-    _load_while_the_api_starts()
-    from flows.pipeline import summary_table, training_pipeline
+    with _flow_api():
+        from flows.pipeline import summary_table, training_pipeline
 
-    summary = training_pipeline(workdir=str(workdir.resolve()))
+        summary = training_pipeline(workdir=str(workdir.resolve()))
     typer.echo(summary_table(summary, time.time() - start))
 
 
@@ -194,10 +198,10 @@ def tune(workdir: WorkdirOption = Path("."),
     _stop_on_interrupt("tune", "interrupted: finished trials are kept in .multitag/tune/study.db; run `multitag tune "
                                "--resume` to spend what the budget had left")
     _params(workdir)
-    _load_while_the_api_starts()
-    from flows.tune import tune_flow
+    with _flow_api():
+        from flows.tune import tune_flow
 
-    t = tune_flow(workdir=str(workdir.resolve()), budget=budget, resume=resume, max_trials=trials)
+        t = tune_flow(workdir=str(workdir.resolve()), budget=budget, resume=resume, max_trials=trials)
     states = [tr["state"] for tr in t["trials"]]
     typer.echo(f"study {t['study']}: {len(states)} trials ({states.count('complete')} finished, "
                f"{states.count('pruned')} pruned, {states.count('fail')} failed), {t['spent_s']:.0f} s")
@@ -427,10 +431,10 @@ def retrain(workdir: WorkdirOption = Path("."),
     """Run the retrain flow once, now: take in inbox batches, retrain if enough arrived."""
     _stop_on_interrupt("retrain")
     _params(workdir)  # a bad params.yaml stops here, before Prefect starts
-    _load_while_the_api_starts()
-    from flows.retrain import retrain as retrain_flow
+    with _flow_api():
+        from flows.retrain import retrain as retrain_flow
 
-    s = retrain_flow(workdir=str(workdir.resolve()), force=force)
+        s = retrain_flow(workdir=str(workdir.resolve()), force=force)
     typer.echo(f"{s['reason']}; " + (f"v{s['pipeline']['version']} test mAP {s['pipeline']['test_map']:.4f}, "
                                      f"champion: {'yes' if s['pipeline']['champion'] else 'no'}"
                                      if s["pipeline"] else "nothing trained"))

@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from flows.server import free_port
 from multitag.layout import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,12 +82,6 @@ def init_workspace(ws: Path, params: dict | None = None) -> Path:
 @pytest.fixture
 def workspace(tmp_path):
     return init_workspace(tmp_path / "ws")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

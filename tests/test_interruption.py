@@ -3,11 +3,13 @@ resumes, in a plain shell (no analytics settings in the environment) that gets a
 
 import json
 import os
+import re
 import signal
 import subprocess
 
 import pytest
 
+from flows.server import healthy
 from tests.conftest import BIN, init_workspace, tiny_params
 from tests.test_retrain_server import wait_for
 
@@ -54,5 +56,8 @@ def test_ctrl_c_stops_a_run_at_once_with_one_line_and_the_next_run_resumes(tmp_p
     assert "registered version       v1" in resumed.stdout
     assert "Traceback" not in resumed.stderr and "database is locked" not in resumed.stderr
     assert "telemetry" not in resumed.stderr.lower() and "analytics" not in resumed.stderr.lower()
+    # no API configured: a temporary Prefect server ran the flow, got its last log lines, and is gone
+    [api] = re.findall(r"runs on a temporary Prefect server at (\S+)", resumed.stderr)
+    assert not healthy(api) and "Error logging to API" not in resumed.stderr and "View at" not in resumed.stderr
     log = json.loads((ws / ".multitag/runs/train.json").read_text())
     assert log["resumed_from_epoch"] >= 1 and log["start"].startswith("resumed from .multitag/checkpoints/last.pt")

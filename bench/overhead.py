@@ -11,7 +11,9 @@
     temporary server first creates its database, as on a user's first run;
 (4) `multitag run` once more in the same workspace, nothing changed: every stage skipped by DVC, the
     cost of orchestration alone on a Prefect home that exists;
-with --before REF, (3) and (4) once more with the code of git commit REF (a worktree put first on
+(5) `multitag run` in another new workspace on that Prefect home: (3) as on any run but a machine's
+    first, whose database exists;
+with --before REF, (3), (4) and (5) once more with the code of git commit REF (a worktree put first on
 PYTHONPATH, its own dvc.yaml and Prefect home), in the same run.
 
 Each way runs in its own fresh git + DVC workspace with the same params (params.yaml shrunk to
@@ -76,7 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--before", metavar="REF", help="also time (3) and (4) with the code of this git commit")
+    ap.add_argument("--before", metavar="REF", help="also time (3), (4) and (5) with the code of this git commit")
     ap.add_argument("--direct", type=Path, help=argparse.SUPPRESS)  # internal: run way (1) in this workspace
     args = ap.parse_args()
     if args.direct:
@@ -94,29 +96,35 @@ def main() -> None:
             "prefect": timed([str(BIN / "multitag"), "run"], workspace(tmp, "prefect", params), env),
         }
         rows["again"] = timed([str(BIN / "multitag"), "run"], tmp / "prefect", env)
+        rows["home"] = timed([str(BIN / "multitag"), "run"], workspace(tmp, "home", params), env)
         if args.before:
             rows.update(before(args.before, tmp, params, env))
     print(f"tiny pipeline: {args.images} sample images, {args.epochs} epoch(s); wall seconds, one run each")
     for key, label in (("direct", "(1) stage functions called directly"), ("dvc", "(2) dvc repro"),
                        ("prefect", "(3) multitag run (Prefect flow over DVC)"),
                        ("again", "(4) multitag run again, nothing changed"),
-                       ("before", f"(3) at {args.before}"), ("before-again", f"(4) at {args.before}")):
+                       ("home", "(5) multitag run, Prefect home not new"),
+                       ("before", f"(3) at {args.before}"), ("before-again", f"(4) at {args.before}"),
+                       ("before-home", f"(5) at {args.before}")):
         if key in rows:
             print(f"{label:<44}{rows[key]:>8.1f}")
     print(f"DVC adds {rows['dvc'] - rows['direct']:.1f} s, Prefect adds {rows['prefect'] - rows['dvc']:.1f} s more; "
-          f"ratio flow / direct: {rows['prefect'] / rows['direct']:.2f}"
-          + (f" (at {args.before}: {rows['before'] / rows['direct']:.2f})" if args.before else ""))
+          f"ratio flow / direct: {rows['prefect'] / rows['direct']:.2f} (new Prefect home), "
+          f"{rows['home'] / rows['direct']:.2f} (not new)"
+          + (f" (at {args.before}: {rows['before'] / rows['direct']:.2f}, {rows['before-home'] / rows['direct']:.2f})"
+             if args.before else ""))
 
 
 def before(ref: str, tmp: Path, params: dict, env: dict) -> dict:
-    """Rows (3) and (4) with the code of git commit ``ref``."""
+    """Rows (3), (4) and (5) with the code of git commit ``ref``."""
     code = tmp / "code-before"
     subprocess.run(["git", "worktree", "add", "-q", "--detach", str(code), ref], cwd=ROOT, check=True)
     try:
         env = {**env, "PYTHONPATH": str(code), "PREFECT_HOME": str(tmp / "prefect-home-before")}
         ws = workspace(tmp, "before", params, code)
-        return {"before": timed([str(BIN / "multitag"), "run"], ws, env),
-                "before-again": timed([str(BIN / "multitag"), "run"], ws, env)}
+        run = [sys.executable, "-m", "multitag.cli", "run"]  # its command, whatever this install's script calls
+        return {"before": timed(run, ws, env), "before-again": timed(run, ws, env),
+                "before-home": timed(run, workspace(tmp, "before-home", params, code), env)}
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(code)], cwd=ROOT, check=True)
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from multitag.config import SampleParams
 from multitag.report import read_csv_rows
-from multitag.sample_data import GAP, _place_boxes, write_sample_data
+from multitag.sample_data import GAP, _place_boxes, digits, write_sample_data
 
 
 def test_boxes_never_overlap():
@@ -70,3 +70,11 @@ def test_hard_preset_is_deterministic_long_tailed_and_drops_tags_only_in_train(t
             assert given[name] == tags  # validation and test keep every tag
         dropped += len(tags) - len(given[name])
     assert dropped > 0
+
+
+def test_the_digits_are_scikit_learns_read_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    images, classes = digits()
+    reference = load_digits()
+    assert np.array_equal(images, reference.images) and np.array_equal(classes, reference.target)

@@ -104,8 +104,8 @@ def temporary_api():
                     PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1",
                     PREFECT_SERVER_REGISTER_BLOCKS_ON_START="false",
                     PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION="false")
-    log.info("PREFECT_API_URL is not set: this command's flow runs on a temporary Prefect server at %s (a "
-             "`multitag server` keeps the runs and shows them in the UI)", api)
+    log.info("PREFECT_API_URL is not set: this command's flow runs on a temporary Prefect server at %s (to watch "
+             "runs in the UI as they go, start `multitag server` and set PREFECT_API_URL)", api)
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
                             env=env)

@@ -108,6 +108,18 @@ def test_predict_refuses_what_it_cannot_do_in_one_line(tmp_path):
     assert "a.png" in (tmp_path / "p.csv").read_text()  # the corrupt folder's rows were written: nothing lost
 
 
+def test_a_temporary_prefect_server_that_cannot_start_is_one_line(tmp_path):
+    """No PREFECT_API_URL, and Prefect's database cannot be created: the run stops when the server
+    does (not after the 120 s startup wait), saying what to do instead."""
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    bad_db = f"sqlite+aiosqlite:///{tmp_path / 'no-such-folder' / 'prefect.db'}"
+    proc = run([str(BIN / "multitag"), "run"], tmp_path, check=False, timeout=90,
+               env={"PREFECT_API_URL": "", "PREFECT_API_DATABASE_CONNECTION_URL": bad_db})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    [line] = [x for x in proc.stderr.splitlines() if "ERROR multitag" in x]
+    assert "temporary API server did not start (exit status 3" in line and "multitag server" in line
+
+
 def test_a_store_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "store/registry/m").mkdir(parents=True)
     (tmp_path / "store/registry/m/versions").write_text("a file where a folder must be written")

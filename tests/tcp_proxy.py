@@ -6,14 +6,13 @@ from __future__ import annotations
 import socket
 import threading
 
+from flows.server import free_port
+
 
 class TcpProxy:
     def __init__(self, target_port: int, cut_when: bytes | None = None):
         self.target_port, self.cut_when = target_port, cut_when
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
+        self.port = free_port()
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self.cut_happened = threading.Event()

@@ -529,8 +529,8 @@ def main() -> None:
     atexit.register(end)
     try:
         app()
-    except SystemExit as exit:  # how typer ends every command; a message instead of a number: status 1
-        status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    except SystemExit as stop:  # how typer ends every command; a message instead of a number: status 1
+        status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
         raise
     except KeyboardInterrupt:
         status = EXIT_INTERRUPTED

@@ -12,9 +12,9 @@ share the cores; multitag leaves libgomp's default alone (a lone training is the
 
 Each row trains params.yaml's model with multitag's training loop (augmentation, loss, optimizer,
 schedule; train_one_epoch) on random uint8 images, in fresh processes (libgomp reads the setting when
-torch loads): one process alone, and two at once (a review's folds or tune's trials on a local
-cluster, two torchrun nodes on one machine, two runs side by side, the test suite's workers), under
-libgomp's default and under --spin. The rows take turns, --repeats times. Prints images/s per
+torch loads): one process alone, and two at once (two runs side by side, a prediction beside a
+run, the test suite's workers; Dask's local workers and torchrun's processes on one node are given
+one thread each, which does not spin), under libgomp's default and under --spin. The rows take turns, --repeats times. Prints images/s per
 process and the CPU seconds per 1,000 images, then the ratios: --spin / libgomp's default, alone
 and two at once.
 """

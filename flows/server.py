@@ -56,19 +56,27 @@ def prefect_api(port: int, log_file: Path, timeout: float = 120):
         proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                 env=quiet_env(PREFECT_UI_API_URL=api), stdout=log_file.open("w"),
                                 stderr=subprocess.STDOUT)  # in our process group: Ctrl-C stops it too
-        deadline = time.time() + timeout
-        while not healthy(api):
-            if proc.poll() is not None or time.time() > deadline:
-                _stop(proc)
-                raise RuntimeError(f"the Prefect server did not start on port {port}; its log ({log_file}) ends: "
-                                   + log_file.read_text()[-800:])
-            time.sleep(0.5)
+        if not _serving(proc, api, timeout):
+            _stop(proc)
+            raise RuntimeError(f"the Prefect server did not start on port {port}; its log ({log_file}) ends: "
+                               + log_file.read_text()[-800:])
     os.environ["PREFECT_API_URL"] = api
     try:
         yield api
     finally:
         if proc is not None:
             _stop(proc)
+
+
+def _serving(proc: subprocess.Popen, api: str, timeout: float) -> bool:
+    """Wait until the server ``proc`` started answers at ``api``: True; False once it has exited or
+    ``timeout`` seconds have passed."""
+    deadline = time.time() + timeout
+    while not healthy(api):
+        if proc.poll() is not None or time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -112,15 +120,12 @@ def temporary_api():
 
     def wait() -> None:
         timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-        deadline = time.time() + timeout
-        while not healthy(api):
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(
-                    "Prefect's temporary API server did not start "
-                    + (f"(exit status {proc.returncode}; its error is printed above)" if proc.poll() is not None
-                       else f"within {timeout} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
-                    + ": start one with `multitag server` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
-            time.sleep(0.1)
+        if not _serving(proc, api, timeout):
+            raise RuntimeError(
+                "Prefect's temporary API server did not start "
+                + (f"(exit status {proc.returncode}; its error is printed above)" if proc.poll() is not None
+                   else f"within {timeout} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+                + ": start one with `multitag server` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
 
     try:
         # PREFECT_UI_URL empty: no "View at" link to a UI this server does not serve

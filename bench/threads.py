@@ -14,9 +14,9 @@ Each row trains params.yaml's model with multitag's training loop (augmentation,
 schedule; train_one_epoch) on random uint8 images, in fresh processes (libgomp reads the setting when
 torch loads): one process alone, and two at once (two runs side by side, a prediction beside a
 run, the test suite's workers; Dask's local workers and torchrun's processes on one node are given
-one thread each, which does not spin), under libgomp's default and under --spin. The rows take turns, --repeats times. Prints images/s per
-process and the CPU seconds per 1,000 images, then the ratios: --spin / libgomp's default, alone
-and two at once.
+one thread each, which does not spin), under libgomp's default and under --spin. The rows take
+turns, --repeats times. Prints images/s per process and the CPU seconds per 1,000 images, then the
+ratios: --spin / libgomp's default, alone and two at once.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def child(images: int, epochs: int, size: int) -> None:
     seconds, cpu1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
     cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     print(json.dumps({"images": steps * p.batch_size * epochs, "seconds": seconds, "cpu": cpu,
-                      "threads": torch.get_num_threads(), "spin": os.environ.get("GOMP_SPINCOUNT")}))
+                      "threads": torch.get_num_threads()}))
 
 
 def row(spin: str, processes: int, args) -> list[dict]:
@@ -87,8 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args.images, args.epochs, args.image_size)
-    ours = args.spin
-    rows = {(spin, n): [] for n in (1, 2) for spin in (LIBGOMP_DEFAULT, ours)}
+    rows = {(spin, n): [] for n in (1, 2) for spin in (LIBGOMP_DEFAULT, args.spin)}
     for _ in range(args.repeats):  # the rows take turns: a slower stretch of the machine hits all of them
         for spin, n in rows:
             rows[spin, n] += row(spin, n, args)
@@ -102,8 +101,9 @@ def main() -> None:
         name = f"{'alone' if n == 1 else 'two at once'}, GOMP_SPINCOUNT={spin}"
         name += " (libgomp's default)" if spin == LIBGOMP_DEFAULT else ""
         print(f"{name:<58}{rate[spin, n]:>22.0f}{cpu[spin, n]:>24.2f}")
-    print(f"ratio images/s, GOMP_SPINCOUNT={ours} / libgomp's default: alone {rate[ours, 1] / rate[LIBGOMP_DEFAULT, 1]:.2f}, "
-          f"two at once {rate[ours, 2] / rate[LIBGOMP_DEFAULT, 2]:.2f}")
+    ratio = {n: rate[args.spin, n] / rate[LIBGOMP_DEFAULT, n] for n in (1, 2)}
+    print(f"ratio images/s, GOMP_SPINCOUNT={args.spin} / libgomp's default: alone {ratio[1]:.2f}, "
+          f"two at once {ratio[2]:.2f}")
 
 
 if __name__ == "__main__":

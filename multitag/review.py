@@ -9,9 +9,9 @@ probabilities averaged. Each label's probabilities are read beside the image's o
 against the annotations while estimating how often those are wrong (``doubts``: EM under label
 flips), which ranks the images, sizes the flagged set by the expected number of wrong images (or
 the number with a chance of at least 0.3, when more), and names the likely missing and likely extra
-labels (``find_issues``). cleanlab's multi-label ranking
-and filter, which this stage used before, flagged 2.3-10 times the errors injected where the fold
-models reached 0.6-0.9 held-out mAP (bench/review.py prints both; bench/RESULTS.md).
+labels (``find_issues``). cleanlab's multi-label ranking and filter, which this stage used before,
+flagged 2.3-10 times the errors injected where the fold models reached 0.6-0.9 held-out mAP
+(bench/review.py prints both; bench/RESULTS.md).
 
 Outputs: ``reports/label_issues.csv`` (every image, worst first: given labels, likely missing,
 likely extra, the suggested labels, quality score, the chance that a label is wrong, whether flagged,
@@ -222,9 +222,9 @@ def find_issues(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5, contex
 
     The flagged images are the worst-ranked ones, as many as the chances add up to (the expected number
     of images with a wrong label, so the flags follow the data's error rate, not the models'), or as
-    many as have a chance of at least ``LIKELY``, whichever is more. A flagged
-    image names at least its most doubtful label. The probabilities are first read beside the image's
-    other given labels (``in_context``; ``context=False`` skips that, for comparison).
+    many as have a chance of at least ``LIKELY``, whichever is more. A flagged image names at least its
+    most doubtful label. The probabilities are first read beside the image's other given labels
+    (``in_context``; ``context=False`` skips that, for comparison).
     """
     if not len(y):
         return pd.DataFrame({"quality": [], "chance": [], "flagged": [], "missing": [], "extra": []})

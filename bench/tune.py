@@ -7,8 +7,9 @@ In one fresh git + DVC workspace (the hard set: `sample.preset hard`, the photo 
 params.yaml's train and tune sections for photos; the sample data: the repository's params.yaml):
 
 1. `multitag run`: the default recipe, its test mAP;
-2. `multitag tune --budget B`: the search (the baseline, the workspace's recipe under the trial's
-   time, then Optuna's trials), scored on the validation split;
+2. `multitag tune --budget B`: the search (the baseline, the workspace's recipe as `multitag run`
+   trains it, then Optuna's trials, the first of them that recipe at the trial's time), scored on
+   the validation split;
 3. `multitag tune --trials 0 --apply`, then `multitag run`: the tuned recipe trained by the pipeline
    as a user would, its test mAP.
 
@@ -71,7 +72,8 @@ def report(ws: Path, a, default: float, tuned: float, tune_s: float, tuned_s: fl
     print(f"tune --budget {a.budget}: {tune_s:.0f} s, {len(trials)} trials ({states.count('complete')} finished, "
           f"{states.count('pruned')} pruned, {states.count('fail')} failed) of {study.user_attrs['trial_s']:.0f} s "
           f"each, after the baseline")
-    print(f"  baseline (the workspace's recipe, {baseline['recipe']['trial_s']:.0f} s): val mAP {baseline.get('val_map')}")
+    print(f"  baseline (the workspace's recipe as `multitag run` trains it, {baseline.get('epochs')} epochs): "
+          f"val mAP {baseline.get('val_map')}")
     if best is not None:
         gain = best.value - (baseline.get("val_map") or 0.0)
         reached = min((t.user_attrs["finished_s"] for t in trials if t.value is not None and t.state.name == "COMPLETE"

@@ -5,9 +5,11 @@ The search runs on the data `multitag run` prepared (data/prepared, data/labels)
 on the train split for ``tune.trial_s`` seconds (train.time_budget_s: epochs and schedule fitted to
 that time) and is scored on the validation split after every epoch. Optuna's TPE sampler picks each
 next recipe from the finished ones; its Hyperband pruner stops a trial whose validation mAP falls
-behind the others' at the same epoch. The workspace's own recipe is trained first, under the same
-time, as the baseline. The test split is read once, at the end: the best trial's model and the
-baseline's are each scored on it.
+behind the others' at the same epoch. The baseline is the workspace's own recipe as `multitag run`
+trains it (its epochs or its time budget), trained first; a new study's first trial is that recipe
+again at the trial's time (where the space holds its values), so that training longer is one of the
+recipes weighed. The test split is read once, at the end: the best trial's model and the baseline's
+are each scored on it.
 
 The study is kept in SQLite (``.multitag/tune/study.db``), one per prepared data set (named by its
 content hash): a second tune continues it, and ``resume`` spends what an interrupted tune had left
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from multitag.config import TuneParams, duration_s, load_params, parse_params
+from multitag.config import TrainParams, TuneParams, duration_s, load_params, parse_params
 from multitag.dataset import load_split, select_device
 from multitag.errors import ComputeError, ConfigError
 from multitag.layout import TUNE, Layout, read_manifest
@@ -69,6 +71,9 @@ class Tuning:
     spent_s: float           # this tune's wall-clock seconds
 
 
+GAMMAS = {"focal_gamma": (0.5, 4.0), "asl_gamma_neg": (1.0, 6.0)}  # searched for the loss that uses each
+
+
 def suggest(trial, t: TuneParams) -> dict:
     """One trial's recipe, by searched name; floats to 3 significant digits (what is trained is
     what params.yaml gets)."""
@@ -82,10 +87,25 @@ def suggest(trial, t: TuneParams) -> dict:
     if t.model:
         recipe["model"] = trial.suggest_categorical("model", t.model)
     if recipe["loss"] == "focal":
-        recipe["focal_gamma"] = three(trial.suggest_float("focal_gamma", 0.5, 4.0))
+        recipe["focal_gamma"] = three(trial.suggest_float("focal_gamma", *GAMMAS["focal_gamma"]))
     elif recipe["loss"] == "asl":
-        recipe["asl_gamma_neg"] = three(trial.suggest_float("asl_gamma_neg", 1.0, 6.0))
+        recipe["asl_gamma_neg"] = three(trial.suggest_float("asl_gamma_neg", *GAMMAS["asl_gamma_neg"]))
     return recipe
+
+
+def current_recipe(p: TrainParams, t: TuneParams) -> dict:
+    """The workspace's training recipe by searched name, each value the space holds (the others are
+    drawn): the first trial of a new study."""
+    values = {"lr": p.lr, "weight_decay": p.weight_decay, "batch_size": p.batch_size, "schedule": p.schedule,
+              "loss": p.loss, "ema_decay": p.ema_decay, "augment": p.augment.preset, "head": p.head,
+              **({"model": p.model} if t.model else {}),
+              **({"focal_gamma": p.focal_gamma} if p.loss == "focal" else {}),
+              **({"asl_gamma_neg": p.asl_gamma_neg} if p.loss == "asl" else {})}
+
+    def inside(name: str, value) -> bool:
+        space = GAMMAS.get(name) or getattr(t, name)
+        return space[0] <= value <= space[1] if name in ("lr", "weight_decay", *GAMMAS) else value in space
+    return {name: value for name, value in values.items() if inside(name, value)}
 
 
 def _put(doc, key: str, value) -> None:
@@ -282,9 +302,9 @@ def tune(ws: Layout, budget: str | None = None, resume: bool = False, max_trials
             return lambda: next(map_chunks(fit_on_worker, job, cluster, 1, params.compute))[0]
 
         if BASELINE not in study.user_attrs:
-            baseline = {"recipe": {"trial_s": trial_s}}
-            [outcome] = run_trials([(f"baseline: the workspace's recipe ({trial_s:.0f} s)",
-                                     work({"trial_s": trial_s}, folder / BASELINE))])
+            baseline = {"recipe": {}}
+            [outcome] = run_trials([("baseline: the workspace's recipe as `multitag run` trains it",
+                                     work({}, folder / BASELINE))])
             if isinstance(outcome, ComputeError):  # the cluster, not the recipe: nothing recorded
                 raise outcome
             if isinstance(outcome, Exception):  # the user's own recipe failing is worth saying; the search goes on
@@ -294,6 +314,8 @@ def tune(ws: Layout, budget: str | None = None, resume: bool = False, max_trials
                 baseline.update({k: v for k, v in outcome.items() if k != "scores"})
             study.set_user_attr(BASELINE, baseline)
             account()
+        if not study.trials:  # the workspace's recipe at the trial's time first: does training longer pay?
+            study.enqueue_trial(current_recipe(params.train, t))
         done = 0
         while deadline - time.time() >= trial_s and (max_trials is None or done < max_trials):
             batch = []

@@ -198,7 +198,7 @@ def tune(workdir: WorkdirOption = Path("."),
 
     _stop_on_interrupt("tune", "interrupted: finished trials are kept in .multitag/tune/study.db; run `multitag tune "
                                "--resume` to spend what the budget had left")
-    _params(workdir)
+    min_gain = _params(workdir).tune.min_gain
     with _flow_api():
         from flows.tune import tune_flow
 
@@ -211,7 +211,8 @@ def tune(workdir: WorkdirOption = Path("."),
     if best:
         typer.echo(f"best trial {best['number']}: val mAP {best['val_map']:.4f}, test mAP {best['test_map']}")
     if not t["diff"]:
-        typer.echo("the workspace's recipe is still the best found: params.yaml needs no change")
+        typer.echo(f"no trial beat the workspace's recipe by tune.min_gain ({min_gain}) or more: "
+                   "params.yaml needs no change")
         return
     typer.echo(t["diff"], nl=False)
     if apply:

@@ -257,6 +257,7 @@ class TuneParams(_Section):
                                                 # its first budget, at least 60 s)
     seed: int = 0                 # the sampler's seed
     parallel: int = Field(1, ge=1)  # trials trained at once, each a task on compute.dask's cluster (needs it when > 1)
+    min_gain: float = Field(0.005, ge=0)  # the best trial replaces the recipe only if its val mAP is this much higher
     lr: list[float] = [0.0003, 0.01]
     weight_decay: list[float] = [0.001, 0.2]
     batch_size: list[int] = [16, 32, 64]

@@ -335,8 +335,8 @@ def tune(ws: Layout, budget: str | None = None, resume: bool = False, max_trials
             if lost:  # the cluster went away: the trials it held are failed, their recipes queued for --resume
                 raise lost
             if on_trial:
-                on_trial(summarise(study, ws, folder, start, final=False))
-    return summarise(study, ws, folder, start, final=True)
+                on_trial(summarise(study, ws, folder, start, t.min_gain, final=False))
+    return summarise(study, ws, folder, start, t.min_gain, final=True)
 
 
 def _record(study, trial, outcome, finished_s: float) -> None:
@@ -383,9 +383,10 @@ def best_trial(study):
     return max(done, key=lambda tr: (tr.value, -tr.number)) if done else None
 
 
-def summarise(study, ws: Layout, folder: Path, start: float, final: bool) -> Tuning:
+def summarise(study, ws: Layout, folder: Path, start: float, min_gain: float, final: bool) -> Tuning:
     """The study as a Tuning; with ``final``, the test split scored for the best trial and the
-    baseline (once each), the params.yaml diff and the importances."""
+    baseline (once each), the importances, and the params.yaml diff when the best trial's val mAP
+    beats the baseline's by ``min_gain`` or more."""
     import optuna
 
     trials = [{"number": tr.number, "state": tr.state.name.lower(), "val_map": tr.value,
@@ -403,7 +404,7 @@ def summarise(study, ws: Layout, folder: Path, start: float, final: bool) -> Tun
             baseline["test_map"] = test_map(ws, folder / BASELINE)
         if best:
             best = {**best, "test_map": test_map(ws, folder / f"trial-{best['number']:03d}")}
-            if best["val_map"] > (baseline.get("val_map") or float("-inf")):
+            if best["val_map"] >= (baseline.get("val_map") or float("-inf")) + min_gain:
                 recipe = {KEYS[k]: v for k, v in best["recipe"].items()}
                 diff = params_diff(ws.params, recipe)
         if sum(tr["state"] == "complete" for tr in trials) >= 3:  # fewer say nothing

@@ -247,5 +247,5 @@ def tune_markdown(t) -> str:
         md += "\n### Parameter importances (Optuna's PED-ANOVA)\n\n" + markdown_table(list(t.importances.items()),
                                                                            ["parameter", "importance"])
     md += ("\n### params.yaml, tuned\n\n```diff\n" + t.diff + "```\n" if t.diff else
-           "\n*The workspace's recipe is still the best found: params.yaml needs no change.*\n")
+           "\n*No trial beat the workspace's recipe by `tune.min_gain` or more: params.yaml needs no change.*\n")
     return md

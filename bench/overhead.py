@@ -1,6 +1,6 @@
 """What Prefect and DVC add: the same tiny pipeline run three ways, side by side.
 
-    .venv/bin/python bench/overhead.py [--images 48] [--epochs 1] [--before GIT_REF]
+    .venv/bin/python bench/overhead.py [--images 48] [--epochs 1] [--repeats 3] [--before GIT_REF]
 
 (1) direct: one Python process calling the stage functions (sample, ingest, labels, train,
     evaluate, register) one after another, as a hand-written script would;
@@ -17,7 +17,8 @@ with --before REF, (3), (4) and (5) once more with the code of git commit REF (a
 PYTHONPATH, its own dvc.yaml and Prefect home), in the same run.
 
 Each way runs in its own fresh git + DVC workspace with the same params (params.yaml shrunk to
---images images and --epochs epochs). Prints wall seconds, then what DVC and Prefect add.
+--images images and --epochs epochs). Each way runs --repeats times, the ways taking turns; prints
+the median wall seconds of each, then what DVC and Prefect add.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each way; the median is printed")
     ap.add_argument("--before", metavar="REF", help="also time (3), (4) and (5) with the code of this git commit")
     ap.add_argument("--direct", type=Path, help=argparse.SUPPRESS)  # internal: run way (1) in this workspace
     args = ap.parse_args()
@@ -87,19 +90,15 @@ def main() -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["sample"]["n_images"] = args.images
     params["train"]["epochs"] = args.epochs
+    runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        env = {**ENV, "PREFECT_HOME": str(tmp / "prefect-home")}
-        rows = {
-            "direct": timed([sys.executable, __file__, "--direct", str(workspace(tmp, "direct", params))], ROOT, env),
-            "dvc": timed([str(BIN / "dvc"), "repro"], workspace(tmp, "dvc", params), env),
-            "prefect": timed([str(BIN / "multitag"), "run"], workspace(tmp, "prefect", params), env),
-        }
-        rows["again"] = timed([str(BIN / "multitag"), "run"], tmp / "prefect", env)
-        rows["home"] = timed([str(BIN / "multitag"), "run"], workspace(tmp, "home", params), env)
-        if args.before:
-            rows.update(before(args.before, tmp, params, env))
-    print(f"tiny pipeline: {args.images} sample images, {args.epochs} epoch(s); wall seconds, one run each")
+        for i in range(args.repeats):  # the ways interleaved: a slower minute of the machine hits all of them
+            for key, seconds in once(tmp / str(i), params, args.before).items():
+                runs.setdefault(key, []).append(seconds)
+    rows = {key: statistics.median(values) for key, values in runs.items()}
+    print(f"tiny pipeline: {args.images} sample images, {args.epochs} epoch(s); wall seconds, the median of "
+          f"{args.repeats} run(s) each (lowest-highest)")
     for key, label in (("direct", "(1) stage functions called directly"), ("dvc", "(2) dvc repro"),
                        ("prefect", "(3) multitag run (Prefect flow over DVC)"),
                        ("again", "(4) multitag run again, nothing changed"),
@@ -107,12 +106,28 @@ def main() -> None:
                        ("before", f"(3) at {args.before}"), ("before-again", f"(4) at {args.before}"),
                        ("before-home", f"(5) at {args.before}")):
         if key in rows:
-            print(f"{label:<44}{rows[key]:>8.1f}")
+            print(f"{label:<44}{rows[key]:>8.1f}   ({min(runs[key]):.1f}-{max(runs[key]):.1f})")
     print(f"DVC adds {rows['dvc'] - rows['direct']:.1f} s, Prefect adds {rows['prefect'] - rows['dvc']:.1f} s more; "
           f"ratio flow / direct: {rows['prefect'] / rows['direct']:.2f} (new Prefect home), "
           f"{rows['home'] / rows['direct']:.2f} (not new)"
           + (f" (at {args.before}: {rows['before'] / rows['direct']:.2f}, {rows['before-home'] / rows['direct']:.2f})"
              if args.before else ""))
+
+
+def once(tmp: Path, params: dict, ref: str | None) -> dict:
+    """Each way once, in new workspaces under ``tmp``: wall seconds by row."""
+    tmp.mkdir()
+    env = {**ENV, "PREFECT_HOME": str(tmp / "prefect-home")}
+    rows = {
+        "direct": timed([sys.executable, __file__, "--direct", str(workspace(tmp, "direct", params))], ROOT, env),
+        "dvc": timed([str(BIN / "dvc"), "repro"], workspace(tmp, "dvc", params), env),
+        "prefect": timed([str(BIN / "multitag"), "run"], workspace(tmp, "prefect", params), env),
+    }
+    rows["again"] = timed([str(BIN / "multitag"), "run"], tmp / "prefect", env)
+    rows["home"] = timed([str(BIN / "multitag"), "run"], workspace(tmp, "home", params), env)
+    if ref:
+        rows.update(before(ref, tmp, params, env))
+    return rows
 
 
 def before(ref: str, tmp: Path, params: dict, env: dict) -> dict:

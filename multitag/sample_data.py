@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,13 +103,18 @@ def write_sample_data(p: SampleParams, out: str | Path | None = None, val_fracti
     images_dir.mkdir(parents=True, exist_ok=True)
     images, classes = digits()
     rng = np.random.default_rng(p.seed)
-    rows, empty = [], 0
-    for i in range(p.n_images):
-        img, present = compose(rng, images, classes, p)
-        name = f"img_{i:06d}.png"
-        Image.fromarray(img).save(images_dir / name, optimize=False, compress_level=1)
-        rows.append((name, " ".join(str(d) for d in present)))
-        empty += not present
+    rows, empty, saving = [], 0, deque()
+    with ThreadPoolExecutor(1) as saver:  # Pillow encodes a PNG into a file without the GIL: beside the composing
+        for i in range(p.n_images):
+            img, present = compose(rng, images, classes, p)
+            name = f"img_{i:06d}.png"
+            saving.append(saver.submit(Image.fromarray(img).save, images_dir / name, optimize=False, compress_level=1))
+            if len(saving) > 64:
+                saving.popleft().result()  # at most 64 images held in memory; a failed save raises here
+            rows.append((name, " ".join(str(d) for d in present)))
+            empty += not present
+        for pending in saving:
+            pending.result()
     ann = write_csv(out / "annotations.csv", ["image_name", "tags"], rows)  # last: a half-written sample never looks complete
     log.info("wrote %d sample images (%d with no digit) to %s", p.n_images, empty, out)
     return SampleResult(images=p.n_images, empty=empty, annotations=str(ann))

@@ -21,18 +21,20 @@ def test_boxes_never_overlap():
 
 
 def test_sample_images_and_annotations(tmp_path):
-    result = write_sample_data(SampleParams(n_images=60, empty_fraction=0.2, seed=3), tmp_path)
+    result = write_sample_data(SampleParams(n_images=80, empty_fraction=0.2, seed=3), tmp_path)
     rows = read_csv_rows(result.annotations)
-    assert len(rows) == 60 and list(rows[0]) == ["image_name", "tags"]
+    assert len(rows) == 80 and list(rows[0]) == ["image_name", "tags"]
     assert result.empty == sum(r["tags"] == "" for r in rows) > 0  # valid negatives exist
     for r in rows:
         tags = r["tags"].split()
         assert tags == sorted(set(tags)) and len(tags) <= 4 and set(tags) <= set("0123456789")
         img = Image.open(tmp_path / "images" / r["image_name"])
         assert img.size == (64, 64) and img.mode == "RGB"
-    # the same seed gives the same data
-    again = write_sample_data(SampleParams(n_images=60, empty_fraction=0.2, seed=3), tmp_path / "again")
+    # the same seed gives the same data, byte for byte (the PNGs are saved on a thread, 64 at most pending)
+    again = write_sample_data(SampleParams(n_images=80, empty_fraction=0.2, seed=3), tmp_path / "again")
     assert (tmp_path / "again" / "annotations.csv").read_text() == (tmp_path / "annotations.csv").read_text()
+    assert all((tmp_path / "again" / "images" / r["image_name"]).read_bytes()
+               == (tmp_path / "images" / r["image_name"]).read_bytes() for r in rows)
     assert again.empty == result.empty
 
 

@@ -169,7 +169,8 @@ def test_prefect_ui_shows_the_run_its_state_and_metrics(scheduled, tmp_path):
         page.wait_for_url("**/artifacts/artifact/**", timeout=30_000)
         page.get_by_text(map_text).first.wait_for(timeout=30_000)  # the test mAP, rendered
         assert page.get_by_text("decision", exact=True).count() == 1
-        assert page.get_by_text(first["name"]).count() >= 1  # the artifact page names its flow run
+        # the artifact page names its flow run (fetched after the artifact: waited for, not counted at once)
+        page.get_by_text(first["name"]).first.wait_for(timeout=30_000)
         page.wait_for_load_state("networkidle")
         page.wait_for_timeout(1000)  # let the page's fade-in finish before the screenshot
         page.screenshot(path=str(tmp_path / "retrain-run.png"), full_page=True)

@@ -297,13 +297,14 @@ def _final_weights(procs) -> str:
 def test_two_torchrun_nodes_train_the_default_model_to_the_same_weights_and_resume_together(data, tmp_path):
     import psutil
 
-    # 30 epochs: the interruption after the first must land while training goes on (an epoch of the tiny
-    # data takes 0.08 s on a fast core: with 10, the last 9 once ended before the signal arrived)
-    whole = _nodes(data, tmp_path / "whole", tmp_path / "store-whole", free_port(), epochs=30)
+    # 30 epochs, no early stopping: the interruption after the first must land while training goes on (an
+    # epoch of the tiny data takes 0.08 s on a fast core; with 10 epochs, or 30 and params.yaml's patience
+    # of 6, where the tiny validation split stops improving at once, training ended before the signal)
+    whole = _nodes(data, tmp_path / "whole", tmp_path / "store-whole", free_port(), epochs=30, patience=30)
     sha = _final_weights(_start_nodes(whole))
     assert [ws.model.exists() for ws in whole] == [False, True]  # the node told to write, not torchrun's rank 0
 
-    cut = _nodes(data, tmp_path / "cut", tmp_path / "store-cut", free_port(), epochs=30)
+    cut = _nodes(data, tmp_path / "cut", tmp_path / "store-cut", free_port(), epochs=30, patience=30)
     procs = _start_nodes(cut)
     checkpoints = tmp_path / "store-cut/checkpoints"
     deadline = time.time() + 240

@@ -104,13 +104,15 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=None, help="review.repeats (default: params.yaml's)")
     ap.add_argument("--seed", type=int, default=0, help="of the data and of the injected errors")
+    ap.add_argument("--epochs", type=int, default=None, help="review.epochs: each fold model's (default: params.yaml's)")
     ap.add_argument("--no-retrain", action="store_true", help="skip the three models trained to score the fixes")
     ap.add_argument("--save", type=Path, help="keep the out-of-sample probabilities and the labels here (.npz)")
     ap.add_argument("--scores", type=Path, nargs="+", help="judge saved .npz files instead (no data, no training)")
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
     params = params.model_copy(update={"review": params.review.model_copy(update={
-        "folds": args.folds, "repeats": args.repeats or params.review.repeats})})
+        "folds": args.folds, "repeats": args.repeats or params.review.repeats,
+        "epochs": args.epochs or params.review.epochs})})
     if args.scores:
         for path in args.scores:
             d = np.load(path)
@@ -139,7 +141,7 @@ def main() -> None:
         x, _, manifest = load_split(ws, None)
         probs = out_of_sample(params, ws, x.numpy(), manifest)
         print(f"data: {args.data} seed {args.seed}, {args.noise:.0%} of the images corrupted; {args.folds} folds "
-              f"x {params.review.repeats}, "
+              f"x {params.review.repeats}, {params.review.epochs or 2 * params.train.epochs} epochs each, "
               f"the fold models took {time.perf_counter() - start:.0f} s; ", end="")
         if args.save:
             np.savez(args.save, probs=probs, y=noisy, clean=clean, test=test, corrupted=corrupted)

@@ -209,7 +209,8 @@ class ReviewParams(_Section):
     enabled: bool = False         # the review stage trains `folds` models: off unless asked for
     folds: int = Field(5, ge=2, le=20)  # out-of-sample probabilities from this many folds (fewer: weaker models)
     repeats: int = Field(2, ge=1, le=5)  # the folds drawn this many times, each image's probabilities averaged
-    time_budget_s: float | None = Field(None, gt=0)  # seconds of training per fold (default: train's epochs)
+    epochs: int | None = Field(None, ge=1)  # of each fold model (default: twice train.epochs)
+    time_budget_s: float | None = Field(None, gt=0)  # seconds of training per fold (default: train's budget, if any)
     threshold: float = Field(0.5, ge=0.5, lt=1)  # likely missing: not given, calibrated chance it shows >= this
 
 

@@ -2,9 +2,10 @@
 
 Every labelled image gets an out-of-sample probability for every label: the images are cut into
 ``review.folds`` folds by content hash, and for each fold a model is trained with the configured
-recipe on the other folds (``review.time_budget_s`` seconds each, or ``train``'s epochs) and scores
-the fold it never saw; that is done ``review.repeats`` times along other parts of the hash and the
-probabilities averaged. Each label's probabilities are read beside the image's other given labels
+recipe on the other folds (``review.time_budget_s`` seconds each, else ``train``'s time budget if
+set, else ``review.epochs``: by default twice ``train``'s) and scores the fold it never saw; with
+``review.repeats`` > 1 that is done again along other parts of the hash and the probabilities
+averaged. Each label's probabilities are read beside the image's other given labels
 (``in_context``: what a model's confusions and the labels that go together say), then calibrated
 against the annotations while estimating how often those are wrong (``doubts``: EM under label
 flips), which ranks the images, sizes the flagged set by the expected number of wrong images (or
@@ -75,7 +76,11 @@ def out_of_sample(params: Params, layout: Layout, x: np.ndarray, manifest: pd.Da
     from multitag.compute import executor, map_chunks
 
     r = params.review
-    recipe = params.train.model_copy(update={"time_budget_s": r.time_budget_s} if r.time_budget_s else {})
+    # Twice train's epochs unless review.epochs says: trained longer, fold models rank far better where the
+    # pipeline's epochs leave them short of what the data allows (2,000 sample images, 5% corrupted, 5 x 2
+    # folds: held-out mAP 0.889 -> 0.981, precision 0.704 -> 0.950, recall 0.625 -> 0.950; bench/RESULTS.md).
+    recipe = params.train.model_copy(update={"epochs": r.epochs or 2 * params.train.epochs,
+                                             **({"time_budget_s": r.time_budget_s} if r.time_budget_s else {})})
     drawings = [np.array([fold_of(d, r.folds, i) for d in manifest["sha256"]]) for i in range(r.repeats)]
     cuts = [(fold, k) for fold in drawings for k in range(r.folds)]
     jobs = [(recipe, str(layout.root.resolve()), manifest, fold, k, x[fold == k]) for fold, k in cuts]
@@ -285,7 +290,8 @@ def review(params: Params, layout: Layout) -> dict:
     if heldout < WEAK_MODELS:
         log.warning("label review: the fold models reach only %.2f held-out mAP, so the ranking mostly follows "
                     "the models' errors, not the labels' (%d flagged): use a stronger recipe (train.*, more "
-                    "review.folds or review.time_budget_s) before acting on it", heldout, result["flagged"])
+                    "review.folds, review.epochs or review.time_budget_s) before acting on it", heldout,
+                    result["flagged"])
     return result
 
 

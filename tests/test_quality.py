@@ -45,9 +45,9 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
     for i in wrong:  # a true label dropped (missing tags are the common error)
         y[i, rng.choice(np.flatnonzero(y[i]))] = 0
     np.save(data.targets, y)
-    params = parse_params({**tiny_params(), "review": {"enabled": True, "folds": 3},
-                           "train": {"model": "simple_cnn", "epochs": 6, "batch_size": 16, "lr": 0.003, "device": "cpu"}})
-    with caplog.at_level("INFO", logger="multitag.review"):
+    params = parse_params({**tiny_params(), "review": {"enabled": True, "folds": 3, "repeats": 2},
+                           "train": {"model": "simple_cnn", "epochs": 3, "batch_size": 16, "lr": 0.003, "device": "cpu"}})
+    with caplog.at_level("INFO"):
         result = review(params, data)
     with data.label_issues.open(newline="") as f:
         formulas = [c for row in csv.reader(f) for c in row if c.startswith(("=", "+", "-", "@", "\t", "\r"))]
@@ -58,6 +58,7 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
     assert (result["folds"], result["repeats"]) == (3, 2)  # 6 fold models, each image scored by 2 of them
     scored = [int(n) for n in re.findall(r"review fold model \d/6: scored (\d+) images \(trained here\)", caplog.text)]
     assert len(scored) == 6 and sum(scored) == 2 * len(y)
+    assert re.findall(r"epoch 1/(\d+) ", caplog.text) == ["6"] * 6  # each fold model: twice train.epochs
     assert result["heldout_map"] > WEAK_MODELS  # models good enough for their flags to mean something
     injected = set(manifest["sha256"][wrong])
     worst = {r["sha256"] for r in rows[:len(wrong)]}

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -274,13 +275,18 @@ def _nodes(data, root, store, port, **train) -> list:
 
 def _start_nodes(nodes) -> list[subprocess.Popen]:
     """`multitag stage train` on each node; the second one started is the one told to write
-    (MULTITAG_NODE_RANK=0), though torchrun ranks the node that joins first as rank 0."""
+    (MULTITAG_NODE_RANK=0), though torchrun ranks the node that joins first as rank 0. Each starts
+    with SIGINT at its default, as a scheduler starts a job: a suite started in the background from a
+    non-interactive shell (`pytest &`) ignores SIGINT, every process it starts inherits that, and the
+    nodes then trained on through the interruption below."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    default_sigint = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execv(sys.argv[1], sys.argv[1:])")
     procs = []
     for i, ws in enumerate(nodes):
-        procs.append(subprocess.Popen([str(BIN / "multitag"), "stage", "train"], cwd=ws.root, text=True,
-                                      env={**env, "MULTITAG_NODE_RANK": str(1 - i)}, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, "-c", default_sigint, str(BIN / "multitag"), "stage", "train"],
+                                      cwd=ws.root, text=True, env={**env, "MULTITAG_NODE_RANK": str(1 - i)},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         time.sleep(1)
     return procs
 
@@ -298,8 +304,8 @@ def test_two_torchrun_nodes_train_the_default_model_to_the_same_weights_and_resu
     import psutil
 
     # 30 epochs, no early stopping: the interruption after the first must land while training goes on (an
-    # epoch of the tiny data takes 0.08 s on a fast core; with 10 epochs, or 30 and params.yaml's patience
-    # of 6, where the tiny validation split stops improving at once, training ended before the signal)
+    # epoch of the tiny data takes 0.08 s on a fast core, and params.yaml's patience of 6 would end the run
+    # a few epochs in: the tiny validation split stops improving at once)
     whole = _nodes(data, tmp_path / "whole", tmp_path / "store-whole", free_port(), epochs=30, patience=30)
     sha = _final_weights(_start_nodes(whole))
     assert [ws.model.exists() for ws in whole] == [False, True]  # the node told to write, not torchrun's rank 0
@@ -314,7 +320,8 @@ def test_two_torchrun_nodes_train_the_default_model_to_the_same_weights_and_resu
     assert len(children) >= 4  # each node: torchrun and its worker
     for p in procs:
         p.send_signal(signal.SIGINT)  # to `multitag stage train` alone, as a scheduler stops it
-    assert [p.wait(60) for p in procs] == [130, 130]
+    codes = [p.wait(60) for p in procs]
+    assert codes == [130, 130], [p.stdout.read()[-3000:] for p in procs]
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [c.cmdline() for c in alive]  # torchrun and its workers ended with the stage
     for ws in cut:  # a restart on other disks: the checkpoint is taken from the store

@@ -35,7 +35,7 @@ from multitag.ingest import ingest
 from multitag.labels import make_labels
 from multitag.layout import Layout, read_manifest
 from multitag.metrics import mean_ap
-from multitag.review import find_issues, out_of_sample
+from multitag.review import find_issues, fold_recipe, out_of_sample
 from multitag.sample_data import write_sample_data
 from multitag.train import train
 
@@ -141,7 +141,7 @@ def main() -> None:
         x, _, manifest = load_split(ws, None)
         probs = out_of_sample(params, ws, x.numpy(), manifest)
         print(f"data: {args.data} seed {args.seed}, {args.noise:.0%} of the images corrupted; {args.folds} folds "
-              f"x {params.review.repeats}, {params.review.epochs or 2 * params.train.epochs} epochs each, "
+              f"x {params.review.repeats}, {fold_recipe(params).epochs} epochs each, "
               f"the fold models took {time.perf_counter() - start:.0f} s; ", end="")
         if args.save:
             np.savez(args.save, probs=probs, y=noisy, clean=clean, test=test, corrupted=corrupted)

@@ -49,9 +49,10 @@ def test_tune_flow_runs_trials_as_tasks_and_reads_the_test_split_only_at_the_end
     best = result["best"]
     assert best["test_map"] is not None and result["baseline"]["test_map"] is not None  # scored after the search
     assert best["recipe"]["trial_s"] == 10 and set(best["recipe"]) <= set(KEYS)
-    assert bool(result["diff"]) == (best["val_map"] >= result["baseline"]["val_map"] + 0.005)  # tune.min_gain
+    params = load_params(ws.params)
+    assert bool(result["diff"]) == (best["val_map"] >= result["baseline"]["val_map"] + params.tune.min_gain)
     # the baseline: the recipe as `multitag run` trains it (1 epoch); trial 0: the same recipe for the trial's 10 s
-    p = load_params(ws.params).train
+    p = params.train
     assert result["baseline"]["epochs"] == p.epochs == 1 and result["trials"][0]["epochs"] > 1
     assert {k: v for k, v in result["trials"][0]["recipe"].items() if k not in ("batch_size", "trial_s")} == {
         "lr": p.lr, "weight_decay": p.weight_decay, "schedule": p.schedule, "loss": p.loss,

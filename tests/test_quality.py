@@ -46,7 +46,8 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
         y[i, rng.choice(np.flatnonzero(y[i]))] = 0
     np.save(data.targets, y)
     params = parse_params({**tiny_params(), "review": {"enabled": True, "folds": 3, "repeats": 2},
-                           "train": {"model": "simple_cnn", "epochs": 3, "batch_size": 16, "lr": 0.003, "device": "cpu"}})
+                           "train": {"model": "simple_cnn", "epochs": 3, "batch_size": 16, "lr": 0.003, "device": "cpu",
+                                     "patience": 1}})
     with caplog.at_level("INFO"):
         result = review(params, data)
     with data.label_issues.open(newline="") as f:
@@ -58,7 +59,8 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
     assert (result["folds"], result["repeats"]) == (3, 2)  # 6 fold models, each image scored by 2 of them
     scored = [int(n) for n in re.findall(r"review fold model \d/6: scored (\d+) images \(trained here\)", caplog.text)]
     assert len(scored) == 6 and sum(scored) == 2 * len(y)
-    assert re.findall(r"epoch 1/(\d+) ", caplog.text) == ["6"] * 6  # each fold model: twice train.epochs
+    assert re.findall(r"epoch 1/(\d+) ", caplog.text) == ["6"] * 6  # each fold model: twice train.epochs,
+    assert len(re.findall(r"epoch 6/6 ", caplog.text)) == 6 and "early stopping" not in caplog.text  # all of them
     assert result["heldout_map"] > WEAK_MODELS  # models good enough for their flags to mean something
     injected = set(manifest["sha256"][wrong])
     worst = {r["sha256"] for r in rows[:len(wrong)]}

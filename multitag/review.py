@@ -57,8 +57,7 @@ WEAK_MODELS = 0.6
 LIKELY = 0.3
 
 
-# the parts of an image's content hash that draw its fold in each repeat (the split uses [:16] and the
-# fold models' validation share [24:32])
+# the parts of an image's content hash that draw its fold in each repeat (the split uses [:16])
 FOLD_HASH = [slice(16, 24), slice(40, 48), slice(48, 56), slice(56, 64), slice(32, 40)]
 
 
@@ -90,23 +89,27 @@ def out_of_sample(params: Params, layout: Layout, x: np.ndarray, manifest: pd.Da
 
 def fold_recipe(params: Params) -> TrainParams:
     """The recipe each fold model trains: train's, for ``review.time_budget_s`` seconds, else train's
-    time budget if set, else ``review.epochs`` (by default twice train's), without early stopping (the
-    best validation weights are still kept). Trained longer, fold models rank far better where the
-    pipeline's epochs leave them short of what the data allows (2,000 sample images, 5% corrupted,
-    5 x 2 folds: held-out mAP 0.889 -> 0.981, precision 0.704 -> 0.950, recall 0.625 -> 0.950). On few
-    images a model can learn slowly for many epochs before its validation mAP climbs, and early
-    stopping ended some fold models in that stretch (1,100 images: held-out mAP 0.861 -> 0.922,
-    precision 0.645 -> 0.788, recall 0.455 -> 0.591; bench/RESULTS.md)."""
+    time budget if set, else ``review.epochs`` (by default twice train's). Trained longer, fold models
+    rank far better where the pipeline's epochs leave them short of what the data allows (2,000 sample
+    images, 5% corrupted, 5 x 2 folds: held-out mAP 0.889 -> 0.981, precision 0.704 -> 0.950, recall
+    0.625 -> 0.950; bench/RESULTS.md)."""
     r = params.review
-    epochs = r.epochs or 2 * params.train.epochs
-    return params.train.model_copy(update={"epochs": epochs, "patience": epochs,
+    return params.train.model_copy(update={"epochs": r.epochs or 2 * params.train.epochs,
                                            **({"time_budget_s": r.time_budget_s} if r.time_budget_s else {})})
 
 
 def fold_models(jobs: list[tuple]) -> list[tuple[np.ndarray, str]]:
     """For each (recipe, workspace root, manifest, fold of each image, k, the images of fold k): a
-    model trained on the other folds (10% of them for validation) and its probabilities for fold k's
-    images, with where it trained (a Dask worker's address, or "here")."""
+    model trained on all the other folds and its probabilities for fold k's images, with where it
+    trained (a Dask worker's address, or "here").
+
+    No validation share: without one, training runs its schedule to the end and keeps its last weights
+    (train.py), and each fold model learns from every image it may see. On few images a model can
+    learn slowly for many epochs before it climbs, and early stopping (train.patience) ended fold
+    models in that stretch; a 10% validation share also cost each a tenth of its images. On 1,100
+    sample images (5% corrupted) early stopping alone took the fold models' held-out mAP from 0.922 to
+    0.861; on 1,000, the validation share, without early stopping, took it from 0.951 and 0.947 to 0.896
+    and 0.882 (bench/RESULTS.md)."""
     from multitag.models import load_model_file, predict_scores
     from multitag.train import train
 
@@ -120,12 +123,9 @@ def fold_models(jobs: list[tuple]) -> list[tuple[np.ndarray, str]]:
             ws.labels.mkdir(parents=True)
             shutil.copy(layout.vocabulary, ws.vocabulary)
             shutil.copy(layout.targets, ws.targets)
-            rest = np.flatnonzero(fold != k)
-            val = rest[np.array([int(manifest["sha256"][i][24:32], 16) % 10 == 0 for i in rest], bool)]  # 10%
-            split = np.full(len(manifest), "train", dtype=object)
-            split[val], split[fold == k] = "val", "test"
+            split = np.where(fold == k, "test", "train").astype(object)
             manifest.assign(split=split).to_parquet(ws.manifest, index=False)
-            log.info("review fold %d: training on %d images", k + 1, len(rest))
+            log.info("review fold %d: training on %d images", k + 1, int((fold != k).sum()))
             train(recipe, ws)
             model, meta = load_model_file(ws.model, device)
             out.append((predict_scores(model, images, device, tta=meta["tta"]), _where()))

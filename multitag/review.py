@@ -288,21 +288,31 @@ def review(params: Params, layout: Layout) -> dict:
     write_csv(out_csv, COLUMNS, rows, for_people=True)
     table = pd.DataFrame(rows, columns=COLUMNS)
     _contact_sheet(table, x, manifest, sheet, "", heldout)
-    result = {"enabled": True, "images": len(rows), "flagged": int(found["flagged"].sum()),
-              "estimated_wrong": round(float(found["chance"].sum()), 1), "folds": r.folds, "repeats": r.repeats,
+    flagged = found["chance"].to_numpy(float)[found["flagged"].to_numpy(bool)]
+    result = {"enabled": True, "images": len(rows), "flagged": len(flagged),
+              "estimated_wrong": round(float(found["chance"].sum()), 1),
+              # the share of the flagged images expected to hold a wrong label: the mean of their chances
+              "expected_precision": round(float(flagged.mean()), 3) if len(flagged) else None,
+              "folds": r.folds, "repeats": r.repeats,
               "heldout_map": round(heldout, 4) if heldout == heldout else None,
               "with_likely_missing": int(np.any(np.stack(found["missing"]), axis=1).sum()) if rows else 0,
               "with_likely_extra": int(np.any(np.stack(found["extra"]), axis=1).sum()) if rows else 0}
     write_json(summary, result)
-    log.info("label review: %d of %d images flagged (%d folds x %d, %.0f s; the fold models' held-out mAP %.3f); "
-             "worst first in %s", result["flagged"], len(rows), r.folds, r.repeats, time.time() - start, heldout,
-             out_csv)
+    log.info("label review: %d of %d images flagged%s (%d folds x %d, %.0f s; the fold models' held-out mAP %.3f); "
+             "worst first in %s", result["flagged"], len(rows), _expected(result), r.folds, r.repeats,
+             time.time() - start, heldout, out_csv)
     if heldout < WEAK_MODELS:
         log.warning("label review: the fold models reach only %.2f held-out mAP, so the ranking mostly follows "
                     "the models' errors, not the labels' (%d flagged): use a stronger recipe (train.*, more "
                     "review.folds, review.epochs or review.time_budget_s) before acting on it", heldout,
                     result["flagged"])
     return result
+
+
+def _expected(result: dict) -> str:
+    """What the flags are expected to hold, for the log and the Prefect UI."""
+    share = result.get("expected_precision")
+    return "" if share is None else f", about {share:.0%} of them expected to hold a wrong label"
 
 
 def _contact_sheet(table: pd.DataFrame, x, manifest, path: Path, message: str, heldout: float | None = None,

@@ -65,6 +65,10 @@ def test_review_finds_injected_label_errors_and_exports_the_accepted_rows(data, 
     # on every image but its fold's (patience 1 above would have stopped them with a validation share)
     assert [t + n for (t, _), n in zip(trained, scored)] == [len(y)] * 6 and {v for _, v in trained} == {0}
     assert result["heldout_map"] > WEAK_MODELS  # models good enough for their flags to mean something
+    chances = [float(r["chance"]) for r in rows if r["flagged"]]  # none on these 96 images
+    assert len(chances) == result["flagged"]
+    assert result["expected_precision"] == (pytest.approx(np.mean(chances), abs=1e-3) if chances else None)
+    assert ("of them expected to hold a wrong label" in caplog.text) == bool(chances)  # the flags' mean chance
     injected = set(manifest["sha256"][wrong])
     worst = {r["sha256"] for r in rows[:len(wrong)]}
     assert len(worst & injected) >= 4, (len(worst & injected), rows[:8])  # ranked among the worst
@@ -139,6 +143,11 @@ def test_flags_are_sized_by_the_estimated_number_of_wrong_annotations(model_nois
         assert np.isin(ranked, wrong).mean() > (0.7 if model_noise < 2 else 0.35)
         named = np.stack(found["missing"]) | np.stack(found["extra"])
         assert named[flags].any(axis=1).all()  # every flagged image names a label to look at
+        # the mean chance of the flagged images (review.json's expected_precision) is a floor, give or take,
+        # on the share that holds a wrong label (that share was 0.07, 0.06 and 0.19 above it at 5%, 0.11,
+        # 0.10 and 0.00 at 10%)
+        precision = flags[wrong].sum() / flags.sum()
+        assert -0.05 <= precision - chance[flags].mean() <= 0.25, (precision, chance[flags].mean())
         flagged[share] = flags.sum()
     assert flagged[0.10] > 1.5 * flagged[0.05]
 

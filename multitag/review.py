@@ -310,8 +310,8 @@ def review(params: Params, layout: Layout) -> dict:
 
 
 def _expected(result: dict) -> str:
-    """What the flags are expected to hold, for the log and the Prefect UI."""
-    share = result.get("expected_precision")
+    """What the flags are expected to hold, for the log."""
+    share = result["expected_precision"]
     return "" if share is None else f", about {share:.0%} of them expected to hold a wrong label"
 
 

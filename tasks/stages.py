@@ -151,7 +151,7 @@ def render_review(ws: Layout) -> dict:
                               description=f"label review: the 200 least likely annotations of {len(rows)}; "
                                           f"{summary['flagged']} flagged (all in {ws.label_issues.name}; the "
                                           f"share expected to hold a wrong label: "
-                                          f"{summary.get('expected_precision')}); the fold models' held-out mAP "
+                                          f"{summary['expected_precision']}); the fold models' held-out mAP "
                                           f"{summary['heldout_map']}")
         create_markdown_artifact(key="label-review-sheet", description="the most suspect annotations, as images",
                                  markdown="## Label review\n\n" + picture(ws.label_issues_plot, "label review"))

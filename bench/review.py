@@ -11,7 +11,7 @@ stage's own functions then run: out-of-sample probabilities from ``--folds`` x `
 models, and the flags and ranking of multitag/review.py. Printed: precision and recall of the flagged images against
 the corrupted ones, precision among the T worst-ranked (T = the number corrupted) and the ranking's
 AUROC; beside them, on the same probabilities, the review without the other labels' context
-(``find_issues(..., context=False)``) and cleanlab's multi-label ranking
+(``find_issues(..., context=False)``), without the neighbours' votes, and cleanlab's multi-label ranking
 (``get_label_quality_scores``, softmin) and filter (``find_label_issues``), which the review used
 before. Fewer images make weaker fold models: on the sample data 3,000 images give held-out mAP about
 0.98, 2,000 about 0.8-0.9. Then (unless --no-retrain) a model is trained on the noisy labels and one on
@@ -29,7 +29,6 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from multitag.config import SampleParams, load_params
-from multitag.dataset import load_split
 from multitag.evaluate import evaluate
 from multitag.ingest import ingest
 from multitag.labels import make_labels
@@ -67,19 +66,22 @@ def test_map(params, ws: Layout, targets: np.ndarray, clean: np.ndarray, test: n
 def scores(truth: np.ndarray, worst: np.ndarray, flagged: np.ndarray) -> str:
     """Precision and recall of ``flagged``, precision among the T worst, AUROC of ``worst`` (higher = worse)."""
     t, hit = int(truth.sum()), (flagged & truth).sum()
+    if not t:  # clean labels (--noise 0): every flag is a false alarm
+        return f"flagged {int(flagged.sum())} of {len(truth)} images with clean labels"
     top = np.argsort(-worst, kind="stable")[:t]
     return (f"flagged {int(flagged.sum())}: precision {hit / max(flagged.sum(), 1):.3f}, recall {hit / t:.3f}; "
             f"precision at T {truth[top].mean():.3f}, AUROC {roc_auc_score(truth, worst):.3f}")
 
 
-def judge(probs: np.ndarray, noisy: np.ndarray, corrupted: np.ndarray, test: np.ndarray, threshold: float):
-    """The review's flags and ranking (all images, as the stage does), the same without the other
-    labels' context, and cleanlab's on the same probabilities, scored on the reviewable (non-test)
-    images; prints the three and returns the review's."""
+def judge(probs: np.ndarray, votes: np.ndarray | None, noisy: np.ndarray, corrupted: np.ndarray, test: np.ndarray,
+          threshold: float):
+    """The review's flags and ranking (all images, as the stage does), the same without the
+    neighbours' votes and without any context, and cleanlab's on the same probabilities, scored on the
+    reviewable (non-test) images; prints them and returns the review's."""
     from cleanlab.filter import find_label_issues
     from cleanlab.multilabel_classification import get_label_quality_scores
 
-    found = find_issues(noisy, probs, threshold)
+    found = find_issues(noisy, probs, threshold, votes=votes)
     keep, truth = ~test, corrupted[~test]
     given = [list(np.flatnonzero(row)) for row in noisy[keep]]
     quality = get_label_quality_scores(given, probs[keep], aggregator_kwargs={"method": "softmin"})
@@ -89,6 +91,10 @@ def judge(probs: np.ndarray, noisy: np.ndarray, corrupted: np.ndarray, test: np.
           f"the fold models' held-out mAP {mean_ap(noisy, probs):.3f}")
     print(f"multitag: {scores(truth, 1 - found['quality'].to_numpy()[keep], found['flagged'].to_numpy()[keep])}; "
           f"estimated {found['chance'].sum():.0f} images with a wrong label")
+    if votes is not None:
+        unvoted = find_issues(noisy, probs, threshold)
+        print(f"multitag without the neighbours' votes: "
+              f"{scores(truth, 1 - unvoted['quality'].to_numpy()[keep], unvoted['flagged'].to_numpy()[keep])}")
     bare = find_issues(noisy, probs, threshold, context=False)
     print(f"multitag without the other labels' context: "
           f"{scores(truth, 1 - bare['quality'].to_numpy()[keep], bare['flagged'].to_numpy()[keep])}")
@@ -117,7 +123,8 @@ def main() -> None:
         for path in args.scores:
             d = np.load(path)
             print(f"{path.name}: ", end="")
-            judge(d["probs"], d["y"].astype(np.uint8), d["corrupted"], d["test"], params.review.threshold)
+            judge(d["probs"], d["votes"] if "votes" in d else None, d["y"].astype(np.uint8), d["corrupted"],
+                  d["test"], params.review.threshold)
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -138,14 +145,13 @@ def main() -> None:
         corrupted[reviewable[chosen]] = True
         np.save(ws.targets, noisy)
         start = time.perf_counter()
-        x, _, manifest = load_split(ws, None)
-        probs = out_of_sample(params, ws, x.numpy(), manifest)
+        probs, votes = out_of_sample(params, ws, read_manifest(ws))
         print(f"data: {args.data} seed {args.seed}, {args.noise:.0%} of the images corrupted; {args.folds} folds "
               f"x {params.review.repeats}, {fold_recipe(params).epochs} epochs each, "
               f"the fold models took {time.perf_counter() - start:.0f} s; ", end="")
         if args.save:
-            np.savez(args.save, probs=probs, y=noisy, clean=clean, test=test, corrupted=corrupted)
-        found = judge(probs, noisy, corrupted, test, params.review.threshold)
+            np.savez(args.save, probs=probs, votes=votes, y=noisy, clean=clean, test=test, corrupted=corrupted)
+        found = judge(probs, votes, noisy, corrupted, test, params.review.threshold)
         if args.no_retrain:
             return
         fixed = noisy.copy()

@@ -5,14 +5,15 @@ Every labelled image gets an out-of-sample probability for every label: the imag
 recipe on the other folds (``review.time_budget_s`` seconds each, else ``train``'s time budget if
 set, else ``review.epochs``: by default twice ``train``'s) and scores the fold it never saw; with
 ``review.repeats`` > 1 that is done again along other parts of the hash and the probabilities
-averaged. Each label's probabilities are read beside the image's other given labels
-(``in_context``: what a model's confusions and the labels that go together say), then calibrated
-against the annotations while estimating how often those are wrong (``doubts``: EM under label
-flips), which ranks the images, sizes the flagged set by the expected number of wrong images (or
-the number with a chance of at least 0.3, when more), and names the likely missing and likely extra
-labels (``find_issues``). cleanlab's multi-label ranking and filter, which this stage used before,
-flagged 2.3-10 times the errors injected where the fold models reached 0.6-0.9 held-out mAP
-(bench/review.py prints both; bench/RESULTS.md).
+averaged, and so are the votes of its look-alikes (``neighbour_votes``: the given labels of its
+nearest training images in each fold model's feature space). Each label's probabilities are read
+beside those votes and the image's other given labels (``in_context``: what a model's confusions and
+the labels that go together say), then calibrated against the annotations while estimating how often
+those are wrong (``doubts``: EM under label flips), which ranks the images, sizes the flagged set by
+the expected number of wrong images (or the number with a chance of at least 0.3, when more), and
+names the likely missing and likely extra labels (``find_issues``). cleanlab's multi-label ranking
+and filter, which this stage used before, flagged 2.3-10 times the errors injected where the fold
+models reached 0.6-0.9 held-out mAP (bench/review.py prints both; bench/RESULTS.md).
 
 Outputs: ``reports/label_issues.csv`` (every image, worst first: given labels, likely missing,
 likely extra, the suggested labels, quality score, the chance that a label is wrong, whether flagged,
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy.special import expit, logit
 
 from multitag.config import Params, TrainParams
@@ -55,6 +57,9 @@ WEAK_MODELS = 0.6
 # errors at 0.3-0.5 (recall 0.835 -> 0.901 at precision 0.953 -> 0.956 on the easy data); at 0.58-0.92
 # and on clean labels, the sum was the larger count on every saved run (bench/RESULTS.md).
 LIKELY = 0.3
+# How many of its nearest training images, in a fold model's feature space, vote on each scored image
+# (neighbour_votes). 10 ranked best of 5, 10 and 20 on two saved runs; not tuned further.
+NEIGHBOURS = 10
 
 
 # the parts of an image's content hash that draw its fold in each repeat (the split uses [:16])
@@ -66,25 +71,29 @@ def fold_of(digest: str, folds: int, repeat: int = 0) -> int:
     return int(digest[FOLD_HASH[repeat]], 16) % folds
 
 
-def out_of_sample(params: Params, layout: Layout, x: np.ndarray, manifest: pd.DataFrame) -> np.ndarray:
-    """(images, labels) probabilities for the images ``x`` of the whole ``manifest`` (its rows in
-    order), each image's the mean of ``review.repeats`` models' trained without it: the images are cut
-    into ``review.folds`` folds ``repeats`` times, each time along another part of their hash. With
-    ``compute.dask`` set the fold models train at once, each a task on that cluster (its workers read
-    the prepared data at this machine's paths: a shared file system); else one after another here."""
+def out_of_sample(params: Params, layout: Layout, manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, votes), each (images, labels), for the images of the whole ``manifest`` (its rows
+    in order), each image's the mean of ``review.repeats`` models' trained without it: the images are
+    cut into ``review.folds`` folds ``repeats`` times, each time along another part of their hash. The
+    votes are what the image's nearest training images in each model's feature space were given
+    (``fold_models``). With ``compute.dask`` set the fold models train at once, each a task on that
+    cluster (its workers read the prepared data at this machine's paths: a shared file system); else
+    one after another here."""
     from multitag.compute import executor, map_chunks
 
     r, recipe = params.review, fold_recipe(params)
     drawings = [np.array([fold_of(d, r.folds, i) for d in manifest["sha256"]]) for i in range(r.repeats)]
     cuts = [(fold, k) for fold in drawings for k in range(r.folds)]
-    jobs = [(recipe, str(layout.root.resolve()), manifest, fold, k, x[fold == k]) for fold, k in cuts]
+    jobs = [(recipe, str(layout.root.resolve()), manifest, fold, k) for fold, k in cuts]
     probs = np.zeros((len(manifest), len(read_json(layout.vocabulary)["labels"])), np.float32)
+    votes = np.zeros_like(probs)
     with executor(params.compute, local_workers=1) as pool:
-        for n, ((fold, k), [(scores, where)]) in enumerate(zip(cuts, map_chunks(fold_models, jobs, pool, 1,
-                                                                                 params.compute))):
+        for n, ((fold, k), [(scores, voted, where)]) in enumerate(zip(cuts, map_chunks(fold_models, jobs, pool, 1,
+                                                                                        params.compute))):
             probs[fold == k] += scores / r.repeats
+            votes[fold == k] += voted / r.repeats
             log.info("review fold model %d/%d: scored %d images (trained %s)", n + 1, len(cuts), len(scores), where)
-    return probs
+    return probs, votes
 
 
 def fold_recipe(params: Params) -> TrainParams:
@@ -98,10 +107,11 @@ def fold_recipe(params: Params) -> TrainParams:
                                            **({"time_budget_s": r.time_budget_s} if r.time_budget_s else {})})
 
 
-def fold_models(jobs: list[tuple]) -> list[tuple[np.ndarray, str]]:
-    """For each (recipe, workspace root, manifest, fold of each image, k, the images of fold k): a
-    model trained on all the other folds and its probabilities for fold k's images, with where it
-    trained (a Dask worker's address, or "here").
+def fold_models(jobs: list[tuple]) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """For each (recipe, workspace root, manifest, fold of each image, k): a model trained on all the
+    other folds, its probabilities for fold k's images, their neighbours' votes (``neighbour_votes`` in
+    the model's feature space, ``models.embed``, over the images it trained on) and where it trained
+    (a Dask worker's address, or "here").
 
     No validation share: without one, training runs its schedule to the end and keeps its last weights
     (train.py), and each fold model learns from every image it may see. On few images a model can
@@ -114,7 +124,7 @@ def fold_models(jobs: list[tuple]) -> list[tuple[np.ndarray, str]]:
     from multitag.train import train
 
     out = []
-    for recipe, root, manifest, fold, k, images in jobs:
+    for recipe, root, manifest, fold, k in jobs:
         layout, device = Layout(root), select_device(recipe.device)
         with tempfile.TemporaryDirectory() as tmp:
             ws = Layout(tmp)
@@ -128,7 +138,52 @@ def fold_models(jobs: list[tuple]) -> list[tuple[np.ndarray, str]]:
             log.info("review fold %d: training on %d images", k + 1, int((fold != k).sum()))
             train(recipe, ws)
             model, meta = load_model_file(ws.model, device)
-            out.append((predict_scores(model, images, device, tta=meta["tta"]), _where()))
+            images, given, _ = load_split(ws, None)
+            images, given, held = images.numpy(), given.numpy(), fold == k
+            feats = embed(model, images, device)
+            out.append((predict_scores(model, images[held], device, tta=meta["tta"]),
+                        neighbour_votes(feats[~held], given[~held], feats[held]), _where()))
+    return out
+
+
+def embed(model, images: np.ndarray | torch.Tensor, device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """Each image's features as the model's label head reads them, (images, features) float32: the
+    input of its last nn.Linear (the label layer), or for an ML-Decoder head the backbone's spatial
+    features averaged over the image."""
+    from multitag.models import DecoderNet, to_input
+
+    decoder = isinstance(model.backbone, DecoderNet)
+    head = model.backbone.decoder if decoder else [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    got: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: got.append(inputs[0].float()))
+    try:
+        model.eval()
+        images = torch.as_tensor(images)
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                model(to_input(images[start:start + batch_size], device))
+    finally:
+        hook.remove()
+    feats = [(f.mean(dim=(2, 3)) if decoder else f.flatten(1)).cpu() for f in got]
+    return torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32)
+
+
+def neighbour_votes(known: np.ndarray, labels: np.ndarray, asked: np.ndarray, k: int = NEIGHBOURS,
+                    block: int = 1024) -> np.ndarray:
+    """(asked images, labels): the mean ``labels`` of each ``asked`` image's ``k`` nearest ``known``
+    images by cosine similarity of their features, ``block`` asked images at a time.
+
+    A fold model learns each label's look from every image it trains on, so a wrong annotation moves
+    the model little; the images that look alike to it still carry their own annotations. Where a
+    label's probability is unsure, what the image's look-alikes were given is further evidence
+    (``in_context`` weighs it against the annotations, per label)."""
+    def unit(f):
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    known, asked, k = unit(known.astype(np.float32)), unit(asked.astype(np.float32)), min(k, len(known))
+    out = np.zeros((len(asked), labels.shape[1]), np.float32)
+    for start in range(0, len(asked) if k else 0, block):
+        nearest = np.argpartition(-(asked[start:start + block] @ known.T), k - 1, axis=1)[:, :k]
+        out[start:start + block] = labels[nearest].mean(axis=1)
     return out
 
 
@@ -140,12 +195,14 @@ def _where() -> str:
         return "here"
 
 
-def in_context(y: np.ndarray, probs: np.ndarray, partners: int = 8, folds: int = 5) -> np.ndarray:
+def in_context(y: np.ndarray, probs: np.ndarray, votes: np.ndarray | None = None, partners: int = 8,
+               folds: int = 5) -> np.ndarray:
     """``probs`` (images, labels) recalibrated per label against the annotations with the image's other
-    given labels beside it: a logistic regression on ln p, -ln(1-p) and whether each of the label's
-    ``partners`` (the other labels, or for many labels those whose annotation goes most with this
-    label's probability) is given, fitted on the other ``folds`` - 1 parts of the images and applied
-    to the remaining part, so no image's own annotation fits its own recalibration.
+    given labels beside it: a logistic regression on ln p, -ln(1-p), the logit of the neighbours'
+    ``votes`` for the label (clipped to 0.05-0.95; ``neighbour_votes``) if given, and whether each of
+    the label's ``partners`` (the other labels, or for many labels those whose annotation goes most
+    with this label's probability) is given, fitted on the other ``folds`` - 1 parts of the images and
+    applied to the remaining part, so no image's own annotation fits its own recalibration.
 
     It reads what the fold models' probabilities mean beside the other labels: a model that mistakes
     one label for another raises the first wherever the second is given, and labels that go together
@@ -166,7 +223,8 @@ def in_context(y: np.ndarray, probs: np.ndarray, partners: int = 8, folds: int =
     learnable = np.flatnonzero(g.min(axis=0) < g.max(axis=0))
     blocks = -(-len(learnable) * n // 2_000_000)  # labels a few at a time: at most 2M (image, label) cells
     for block in np.array_split(learnable, max(1, blocks)):
-        x = np.concatenate([_beta(p[:, block]), g[:, pick[block]]], axis=-1)  # (images, labels, 3 + partners)
+        voted = [] if votes is None else [logit(np.clip(votes[:, block], 0.05, 0.95))[..., None]]
+        x = np.concatenate([_beta(p[:, block]), *voted, g[:, pick[block]]], axis=-1)  # (images, labels, features)
         for k in range(folds if n >= 2 * folds else 0):
             theta = _calibrate(x[part != k], g[part != k][:, block], np.zeros((len(block), x.shape[-1])), steps=8)
             out[np.ix_(part == k, block)] = expit(np.einsum("nlk,lk->nl", x[part == k], theta))
@@ -228,7 +286,8 @@ def _calibrate(x: np.ndarray, target: np.ndarray, theta: np.ndarray, steps: int 
     return theta
 
 
-def find_issues(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5, context: bool = True) -> pd.DataFrame:
+def find_issues(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5, context: bool = True,
+                votes: np.ndarray | None = None) -> pd.DataFrame:
     """Per image: ``quality`` (low = likely wrong: the ranking, by the annotation whose calibrated
     probability fits the other side best, as a likelihood ratio against the label's base rate),
     ``chance`` (the estimated chance that some given label is wrong), whether it is flagged, and the
@@ -239,11 +298,12 @@ def find_issues(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5, contex
     of images with a wrong label, so the flags follow the data's error rate, not the models'), or as
     many as have a chance of at least ``LIKELY``, whichever is more. A flagged image names at least its
     most doubtful label. The probabilities are first read beside the image's other given labels
-    (``in_context``; ``context=False`` skips that, for comparison).
+    (``in_context``, with the neighbours' ``votes`` if given; ``context=False`` skips that, for
+    comparison).
     """
     if not len(y):
         return pd.DataFrame({"quality": [], "chance": [], "flagged": [], "missing": [], "extra": []})
-    wrong, shows = doubts(y, in_context(y, probs) if context else probs)
+    wrong, shows = doubts(y, in_context(y, probs, votes) if context else probs)
     ratio = logit(np.clip(shows, 1e-9, 1 - 1e-9)) - logit(np.clip(shows.mean(axis=0), 1e-9, 1 - 1e-9))
     evidence = np.where(y == 1, -ratio, ratio)
     strongest = evidence.max(axis=1, initial=-np.inf)  # -inf: no labels at all
@@ -272,8 +332,8 @@ def review(params: Params, layout: Layout) -> dict:
     x, y, manifest = load_split(layout, None)
     x, y = x.numpy(), y.numpy().astype(np.uint8)
     labels = read_json(layout.vocabulary)["labels"]
-    probs = out_of_sample(params, layout, x, manifest)
-    found = find_issues(y, probs, r.threshold)
+    probs, votes = out_of_sample(params, layout, manifest)
+    found = find_issues(y, probs, r.threshold, votes=votes)
     heldout = mean_ap(y, probs)
     names = np.array(labels, dtype=object)
 

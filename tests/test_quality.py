@@ -16,11 +16,11 @@ from multitag.config import parse_params
 from multitag.drift import check_batch
 from multitag.inbox import review_batch
 from multitag.layout import Layout
-from multitag.models import build_model, save_model_file
+from multitag.models import build_model, save_model_file, to_input
 from multitag.rawdata import RawData
 from multitag.registry import Registry
 from multitag.report import read_csv_rows
-from multitag.review import LIKELY, WEAK_MODELS, find_issues, review
+from multitag.review import LIKELY, WEAK_MODELS, embed, find_issues, neighbour_votes, review
 from multitag.storage import LocalStore
 from multitag.suggest import pick, uncertainty, write_batch_skeleton
 from tests.conftest import BIN, run, tiny_params
@@ -110,8 +110,8 @@ def test_a_review_by_models_too_weak_to_trust_says_so(data, caplog):
 
 def scored_annotations(wrong_share: float, model_noise: float, seed: int = 0, n: int = 1500, labels: int = 8,
                        confusion: float = 0.0):
-    """(annotations, out-of-sample probabilities, indices of the images given one wrong label) from a
-    model whose logits are +-strength + noise: labels from weak (strength 1.5) to strong (5). With a
+    """(annotations, out-of-sample probabilities, indices of the images given one wrong label, what the
+    images show) from a model whose logits are +-strength + noise: labels from weak (strength 1.5) to strong (5). With a
     ``confusion``, the model takes each label for the next one: label j's logit rises by that much
     wherever the image shows label j+1."""
     rng = np.random.default_rng(seed)
@@ -120,14 +120,14 @@ def scored_annotations(wrong_share: float, model_noise: float, seed: int = 0, n:
     logits += confusion * np.roll(truth, -1, axis=1)
     given, wrong = truth.copy(), rng.choice(n, int(wrong_share * n), replace=False)
     given[wrong, rng.integers(labels, size=len(wrong))] ^= 1
-    return given, (1 / (1 + np.exp(-logits))).astype(np.float32), wrong
+    return given, (1 / (1 + np.exp(-logits))).astype(np.float32), wrong, truth
 
 
 @pytest.mark.parametrize("model_noise", [1.0, 1.5, 3.0])  # fold models at about 0.99, 0.97 and 0.8 mAP
 def test_flags_are_sized_by_the_estimated_number_of_wrong_annotations(model_noise):
     flagged = {}
     for share in (0.05, 0.10):
-        given, probs, wrong = scored_annotations(share, model_noise)
+        given, probs, wrong, _ = scored_annotations(share, model_noise)
         found = find_issues(given, probs)
         flags = found["flagged"].to_numpy()
         chance = found["chance"].to_numpy()  # as many as the estimate, or as have a chance of 0.3 or more
@@ -154,7 +154,7 @@ def test_flags_are_sized_by_the_estimated_number_of_wrong_annotations(model_nois
 
 @pytest.mark.parametrize("model_noise", [1.5, 3.0, 5.0])  # fold models at 0.97, 0.83 and 0.67 mAP
 def test_a_clean_data_set_flags_almost_nothing(model_noise):
-    given, probs, _ = scored_annotations(0.0, model_noise)
+    given, probs, _, _ = scored_annotations(0.0, model_noise)
     found = find_issues(given, probs)
     # At 0.67 mAP (the weak-model warning is at 0.6) seeds 0-3 flag 8, 13, 33 and 4 of 1,500 images
     # (4, 9, 27, 5 without the context); above 0.8 mAP at most 2.
@@ -164,7 +164,7 @@ def test_a_clean_data_set_flags_almost_nothing(model_noise):
 
 @pytest.mark.parametrize("labels", [8, 30])  # 30: each label read beside the 8 that go most with it
 def test_a_model_that_mistakes_one_label_for_another_is_read_beside_the_other_labels(labels):
-    given, probs, wrong = scored_annotations(0.05, 3.0, labels=labels, confusion=4.0)
+    given, probs, wrong, _ = scored_annotations(0.05, 3.0, labels=labels, confusion=4.0)
     bare, read = find_issues(given, probs, context=False), find_issues(given, probs)
     assert 0.6 * len(wrong) <= read["flagged"].sum() <= 1.2 * len(wrong), read["flagged"].sum()  # 55, 59 of 75
     # the confusion read away: a label is no likelier to be called missing where the one it is taken
@@ -283,3 +283,45 @@ def test_the_champion_is_checked_on_a_shifted_batch_and_an_ordinary_one(tmp_path
     assert checks["ordinary"]["checked"] and not checks["ordinary"]["flagged"], checks["ordinary"]
     assert checks["shifted"]["flagged"] and checks["shifted"]["drop"] > 0.1, checks["shifted"]
     assert checks["ordinary"]["batch_map"] > checks["shifted"]["batch_map"]
+
+
+def test_neighbour_votes_are_the_labels_of_the_nearest_look_alikes():
+    known = np.array([[1, 0], [2, 0.1], [0, 1], [0.1, 3], [-1, 0]], np.float32)  # by direction, not length
+    labels = np.array([[1, 0], [1, 1], [0, 1], [0, 1], [0, 0]], np.uint8)
+    asked = np.array([[5, 0.2], [0.2, 5]], np.float32)
+    assert neighbour_votes(known, labels, asked, k=2, block=1).tolist() == [[1, 0.5], [0, 1]]
+    assert np.allclose(neighbour_votes(known, labels, asked, k=9), [[0.4, 0.6]] * 2)  # no more than there are
+    assert neighbour_votes(known[:0], labels[:0], asked).tolist() == [[0, 0]] * 2
+
+
+@pytest.mark.parametrize("model_noise", [1.5, 3.0])  # fold models at about 0.95 and 0.8 mAP
+def test_the_neighbours_votes_are_weighed_by_what_they_tell(model_noise):
+    given, probs, wrong, truth = scored_annotations(0.05, model_noise)
+    rng = np.random.default_rng(1)
+    # look-alikes given each label 60% of the time where the image shows it, 25% where it does not
+    votes = rng.binomial(10, np.where(truth == 1, 0.6, 0.25)) / 10
+    junk = rng.binomial(10, np.broadcast_to(given.mean(axis=0), given.shape)) / 10  # they tell nothing
+    def top(found):  # the share of the corrupted among as many worst-ranked
+        return np.isin(np.argsort(found["quality"].to_numpy(), kind="stable")[:len(wrong)], wrong).mean()
+    alone, voted, misled = (find_issues(given, probs, votes=v) for v in (None, votes, junk))
+    # seed 0: 0.77 -> 0.87 at 0.95 mAP, 0.44 -> 0.67 at 0.8; votes that tell nothing: 0.77, 0.44
+    assert top(voted) > top(alone) + 0.05 and abs(top(misled) - top(alone)) <= 0.04, (top(alone), top(voted))
+    assert 0.5 * len(wrong) <= voted["flagged"].sum() <= 1.2 * len(wrong)
+    clean, probs, _, truth = scored_annotations(0.0, model_noise)
+    votes = rng.binomial(10, np.where(truth == 1, 0.6, 0.25)) / 10
+    assert find_issues(clean, probs, votes=votes)["flagged"].sum() <= 0.005 * len(clean)
+
+
+@pytest.mark.parametrize("arch, head, layer", [("compact_cnn", "linear", "classifier"), ("resnet18", "linear", "fc"),
+                                               ("compact_cnn", "mldecoder", None)])
+def test_embed_gives_the_features_the_label_head_reads(arch, head, layer):
+    model = build_model(arch, 3, 16, head=head).eval()
+    images = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
+    feats = torch.from_numpy(embed(model, images, torch.device("cpu"), batch_size=2))
+    x = to_input(images, torch.device("cpu"))
+    with torch.no_grad():
+        if layer:  # the label layer's input: it gives the model's logits
+            assert torch.allclose(getattr(model.backbone, layer)(feats), model(x), atol=1e-5)
+        else:  # the backbone's spatial features, averaged over the image
+            spatial = model.backbone.features((x - model.mean) / model.std)
+            assert feats.shape == (5, 128) and torch.allclose(feats, spatial.mean(dim=(2, 3)), atol=1e-5)

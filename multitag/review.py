@@ -110,7 +110,7 @@ def fold_recipe(params: Params) -> TrainParams:
 def fold_models(jobs: list[tuple]) -> list[tuple[np.ndarray, np.ndarray, str]]:
     """For each (recipe, workspace root, manifest, fold of each image, k): a model trained on all the
     other folds, its probabilities for fold k's images, their neighbours' votes (``neighbour_votes`` in
-    the model's feature space, ``models.embed``, over the images it trained on) and where it trained
+    the model's feature space, ``embed``, over the images it trained on) and where it trained
     (a Dask worker's address, or "here").
 
     No validation share: without one, training runs its schedule to the end and keeps its last weights
@@ -148,14 +148,17 @@ def fold_models(jobs: list[tuple]) -> list[tuple[np.ndarray, np.ndarray, str]]:
 
 def embed(model, images: np.ndarray | torch.Tensor, device: torch.device, batch_size: int = 256) -> np.ndarray:
     """Each image's features as the model's label head reads them, (images, features) float32: the
-    input of its last nn.Linear (the label layer), or for an ML-Decoder head the backbone's spatial
-    features averaged over the image."""
+    input of its last nn.Linear (the label layer), for an ML-Decoder head the backbone's spatial
+    features averaged over the image, and for a model without a Linear layer (SqueezeNet's label layer
+    is a convolution) its logits."""
     from multitag.models import DecoderNet, to_input
 
     decoder = isinstance(model.backbone, DecoderNet)
-    head = model.backbone.decoder if decoder else [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    head = model.backbone.decoder if decoder else linear[-1] if linear else None
     got: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda module, inputs, output: got.append(inputs[0].float()))
+    hook = (model.backbone if head is None else head).register_forward_hook(
+        lambda module, inputs, output: got.append((output if head is None else inputs[0]).float()))
     try:
         model.eval()
         images = torch.as_tensor(images)
@@ -173,10 +176,12 @@ def neighbour_votes(known: np.ndarray, labels: np.ndarray, asked: np.ndarray, k:
     """(asked images, labels): the mean ``labels`` of each ``asked`` image's ``k`` nearest ``known``
     images by cosine similarity of their features, ``block`` asked images at a time.
 
-    A fold model learns each label's look from every image it trains on, so a wrong annotation moves
-    the model little; the images that look alike to it still carry their own annotations. Where a
-    label's probability is unsure, what the image's look-alikes were given is further evidence
-    (``in_context`` weighs it against the annotations, per label)."""
+    A fold model's probability is one reading of an image; the images that look most like it to the
+    same model carry annotations of their own. Where a label's probability is unsure, what the
+    look-alikes were given is further evidence, which ``in_context`` weighs per label against the
+    annotations. On 3,000 sample images with 5% of them corrupted and fold models at 0.87 held-out
+    mAP, it raised the share of errors among the worst-ranked from 0.650 and 0.692 to 0.700 and 0.767
+    (two seeds; bench/RESULTS.md)."""
     def unit(f):
         return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     known, asked, k = unit(known.astype(np.float32)), unit(asked.astype(np.float32)), min(k, len(known))

@@ -313,15 +313,17 @@ def test_the_neighbours_votes_are_weighed_by_what_they_tell(model_noise):
 
 
 @pytest.mark.parametrize("arch, head, layer", [("compact_cnn", "linear", "classifier"), ("resnet18", "linear", "fc"),
-                                               ("compact_cnn", "mldecoder", None)])
+                                               ("compact_cnn", "mldecoder", None), ("squeezenet1_1", "linear", None)])
 def test_embed_gives_the_features_the_label_head_reads(arch, head, layer):
-    model = build_model(arch, 3, 16, head=head).eval()
-    images = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
+    model = build_model(arch, 3, 64, head=head).eval()
+    images = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8)
     feats = torch.from_numpy(embed(model, images, torch.device("cpu"), batch_size=2))
     x = to_input(images, torch.device("cpu"))
     with torch.no_grad():
         if layer:  # the label layer's input: it gives the model's logits
             assert torch.allclose(getattr(model.backbone, layer)(feats), model(x), atol=1e-5)
-        else:  # the backbone's spatial features, averaged over the image
+        elif head == "mldecoder":  # the backbone's spatial features, averaged over the image
             spatial = model.backbone.features((x - model.mean) / model.std)
             assert feats.shape == (5, 128) and torch.allclose(feats, spatial.mean(dim=(2, 3)), atol=1e-5)
+        else:  # no Linear label layer (SqueezeNet's is a convolution): the logits
+            assert torch.allclose(feats, model(x), atol=1e-5)

@@ -10,8 +10,8 @@ dropped (two times in three: missing tags are the common error) or a false one a
 stage's own functions then run: out-of-sample probabilities from ``--folds`` x ``--repeats`` fold
 models, and the flags and ranking of multitag/review.py. Printed: precision and recall of the flagged images against
 the corrupted ones, precision among the T worst-ranked (T = the number corrupted) and the ranking's
-AUROC; beside them, on the same probabilities, the review without the other labels' context
-(``find_issues(..., context=False)``), without the neighbours' votes, and cleanlab's multi-label ranking
+AUROC; beside them, on the same probabilities, the review without the neighbours' votes, without
+any context (``find_issues(..., context=False)``), and cleanlab's multi-label ranking
 (``get_label_quality_scores``, softmin) and filter (``find_label_issues``), which the review used
 before. Fewer images make weaker fold models: on the sample data 3,000 images give held-out mAP about
 0.98, 2,000 about 0.8-0.9. Then (unless --no-retrain) a model is trained on the noisy labels and one on

@@ -111,9 +111,9 @@ def test_a_review_by_models_too_weak_to_trust_says_so(data, caplog):
 def scored_annotations(wrong_share: float, model_noise: float, seed: int = 0, n: int = 1500, labels: int = 8,
                        confusion: float = 0.0):
     """(annotations, out-of-sample probabilities, indices of the images given one wrong label, what the
-    images show) from a model whose logits are +-strength + noise: labels from weak (strength 1.5) to strong (5). With a
-    ``confusion``, the model takes each label for the next one: label j's logit rises by that much
-    wherever the image shows label j+1."""
+    images show) from a model whose logits are +-strength + noise: labels from weak (strength 1.5) to
+    strong (5). With a ``confusion``, the model takes each label for the next one: label j's logit
+    rises by that much wherever the image shows label j+1."""
     rng = np.random.default_rng(seed)
     truth = (rng.random((n, labels)) < rng.uniform(0.1, 0.4, labels)).astype(np.uint8)
     logits = (2 * truth.astype(int) - 1) * np.linspace(1.5, 5, labels) + rng.normal(0, model_noise, truth.shape)

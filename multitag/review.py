@@ -150,8 +150,9 @@ def embed(model, images: np.ndarray | torch.Tensor, device: torch.device, batch_
     """Each image's features as the model's label head reads them, (images, features) float32: the
     input of its last nn.Linear (the label layer), for an ML-Decoder head the backbone's spatial
     features averaged over the image, and for a model without a Linear layer (SqueezeNet's label layer
-    is a convolution) its logits."""
-    from multitag.models import DecoderNet, to_input
+    is a convolution) its logits. A hook reads them during ``predict_scores``' forward passes (on a GPU,
+    at the precision the images are scored at)."""
+    from multitag.models import DecoderNet, predict_scores
 
     decoder = isinstance(model.backbone, DecoderNet)
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -160,11 +161,7 @@ def embed(model, images: np.ndarray | torch.Tensor, device: torch.device, batch_
     hook = (model.backbone if head is None else head).register_forward_hook(
         lambda module, inputs, output: got.append((output if head is None else inputs[0]).float()))
     try:
-        model.eval()
-        images = torch.as_tensor(images)
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                model(to_input(images[start:start + batch_size], device))
+        predict_scores(model, images, device, batch_size=batch_size)
     finally:
         hook.remove()
     feats = [(f.mean(dim=(2, 3)) if decoder else f.flatten(1)).cpu() for f in got]
